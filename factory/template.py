@@ -1,0 +1,170 @@
+"""Reasoning-as-infilling canvas: question | reasoning slots | answer delimiter | answer slots | end.
+
+Every row of a batch shares the same suffix (separator, reasoning slots, delimiter, answer slots,
+end), and prompts are left-padded, so the reasoning and answer spans sit at the same absolute
+positions in every row: one pair of slices serves the whole batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+NUMBER = re.compile(r"^-?\d+$")
+
+
+class TemplateError(ValueError):
+    """A problem or trace that does not fit the canvas. `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """Canvas lengths and delimiters. LLaDA/GSM8k as in the paper: reasoning_slots=256 - 10 - len(delimiter
+    tokens), answer_slots=10, delimiter='The answer is \\boxed{'."""
+
+    reasoning_slots: int = 40
+    answer_slots: int = 4
+    delimiter: str = "The answer is \\boxed{"
+    answer_close: str = "}"
+    step_separator: str = "\n"
+    max_question_tokens: int = 112
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Absolute positions of the canvas regions in a batch of total length `length`."""
+
+    reasoning: slice
+    answer: slice
+    length: int
+
+
+class ReasoningTemplate:
+    def __init__(self, tokenizer, config: TemplateConfig | None = None, filler_id: int | None = None):
+        self.tokenizer = tokenizer
+        self.config = config or TemplateConfig()
+        if tokenizer.mask_token_id is None:
+            raise ValueError("the tokenizer has no mask token; a masked diffusion model needs one")
+        self.mask_id = tokenizer.mask_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Unused slots hold a token the model learned to emit; LLaDA and our model use end-of-text.
+        self.filler_id = filler_id if filler_id is not None else tokenizer.eos_token_id
+        self.separator_ids = self._encode(self.config.step_separator)
+        self.delimiter_ids = self._encode(" " + self.config.delimiter.strip())
+        self.close_ids = self._encode(self.config.answer_close)
+        self.end_ids = [tokenizer.eos_token_id]
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check_known(self, ids: list[int], text: str, what: str) -> None:
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in ids:
+            pieces = [tok for tok, i in zip(self.tokenizer.convert_ids_to_tokens(ids), ids) if i == unk]
+            unknown = [w for w in re.findall(r"\S+", text) if unk in self._encode(w)]
+            raise TemplateError("unknown_tokens", f"{what} has text outside the tokenizer vocabulary: {unknown[:5] or pieces[:5]}")
+
+    def encode_question(self, question: str) -> list[int]:
+        if not question or not question.strip():
+            raise TemplateError("empty_question", "the question is empty")
+        ids = self._encode(question.strip())
+        self._check_known(ids, question, "question")
+        if len(ids) > self.config.max_question_tokens:
+            raise TemplateError(
+                "question_too_long",
+                f"{len(ids)} tokens > max_question_tokens={self.config.max_question_tokens}; raise it or drop the row",
+            )
+        return ids + self.separator_ids
+
+    def encode_reasoning(self, steps: list[str]) -> list[int]:
+        """Steps joined by the separator, then filler to the slot count."""
+        ids = self._encode(self.config.step_separator.join(s.strip() for s in steps))
+        self._check_known(ids, " ".join(steps), "reasoning")
+        free = self.config.reasoning_slots - len(ids)
+        if free < 0:
+            raise TemplateError("reasoning_too_long", f"{len(ids)} tokens > reasoning_slots={self.config.reasoning_slots}")
+        return ids + [self.filler_id] * free
+
+    def encode_answer(self, answer: str) -> list[int]:
+        if not NUMBER.match(answer.strip()):
+            raise TemplateError("non_numeric_answer", f"answer {answer!r} is not an integer")
+        ids = self._encode(answer.strip()) + self.close_ids
+        self._check_known(ids, answer, "answer")
+        free = self.config.answer_slots - len(ids)
+        if free < 0:
+            raise TemplateError("answer_too_long", f"{len(ids)} tokens > answer_slots={self.config.answer_slots}")
+        return ids + [self.filler_id] * free
+
+    @cached_property
+    def suffix_length(self) -> int:
+        return self.config.reasoning_slots + len(self.delimiter_ids) + self.config.answer_slots + len(self.end_ids)
+
+    def canvas(self, question_ids: list[int], reasoning: list[int] | None = None, answer: list[int] | None = None) -> list[int]:
+        """One row; a region given as None is left masked."""
+        cfg = self.config
+        reasoning = reasoning if reasoning is not None else [self.mask_id] * cfg.reasoning_slots
+        answer = answer if answer is not None else [self.mask_id] * cfg.answer_slots
+        assert len(reasoning) == cfg.reasoning_slots and len(answer) == cfg.answer_slots
+        return question_ids + reasoning + self.delimiter_ids + answer + self.end_ids
+
+    def spans(self, length: int) -> Spans:
+        """Region positions for a batch whose rows are left-padded to `length`."""
+        answer_end = length - len(self.end_ids)
+        answer_start = answer_end - self.config.answer_slots
+        reasoning_end = answer_start - len(self.delimiter_ids)
+        return Spans(slice(reasoning_end - self.config.reasoning_slots, reasoning_end), slice(answer_start, answer_end), length)
+
+    def collate(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad rows into (input_ids, attention_mask)."""
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, length - len(row) :] = torch.tensor(row)
+            attention[i, length - len(row) :] = 1
+        return ids, attention
+
+    # ---- decoding -------------------------------------------------------------------------
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in (self.filler_id, self.mask_id, self.pad_id)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        # Word-level tokenizers put a space between digit chunks of one number and around newlines.
+        text = re.sub(r"(?<=\d) (?=\d)", "", text)
+        return re.sub(r" *\n *", "\n", text).strip()
+
+    def step_spans(self, reasoning_ids: list[int]) -> list[tuple[int, int]]:
+        """Token spans [start, end) of the steps in a reasoning region, separators excluded."""
+        spans, start = [], 0
+        sep = self.separator_ids
+        end = next((i for i, t in enumerate(reasoning_ids) if t == self.filler_id), len(reasoning_ids))
+        i = 0
+        while i < end:
+            if reasoning_ids[i : i + len(sep)] == sep:
+                if i > start:
+                    spans.append((start, i))
+                i += len(sep)
+                start = i
+            else:
+                i += 1
+        if end > start:
+            spans.append((start, end))
+        return spans
+
+    def split_steps(self, reasoning_ids: list[int]) -> list[str]:
+        return [self.decode(reasoning_ids[a:b]) for a, b in self.step_spans(reasoning_ids)]
+
+    def parse_answer(self, answer_ids: list[int]) -> str | None:
+        """The integer written in the answer slots before the closing brace, or None."""
+        text = self.decode(answer_ids)
+        text = text.split(self.config.answer_close)[0].replace(",", "").strip()
+        return text if NUMBER.match(text) else None

@@ -1,0 +1,209 @@
+"""Train the embedded masked diffusion LM on synthetic problems laid out on the reasoning canvas.
+
+Objective (as in LLaDA): per row t ~ U(eps, 1), each response slot (reasoning and answer) is masked
+with probability t, and the cross-entropy on masked slots is weighted by 1/t. Two more layouts
+teach the model what the step scorer asks of it:
+  prefix     the question and the first k gold steps visible, every later slot masked;
+  corrupted  the same, but one visible step is wrong and the masked remainder (later steps and the
+             answer) is recomputed from the error, so the answer learns to follow the reasoning.
+             The wrong step is visible, never a loss target, so the model does not learn to slip.
+
+Resumable: `--out DIR` holds checkpoint.pt (model, optimiser, step) and an exported HF model in
+DIR/hf after every checkpoint. Example:
+    python jobs/train_mdlm.py --out runs/mdlm --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertForMaskedLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from factory.models.embedded import embedded_config  # noqa: E402
+from factory.models.tokenizer import build_tokenizer  # noqa: E402
+from factory.sources import synthetic  # noqa: E402
+from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
+
+EPS = 1e-3
+TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
+
+
+def bf16_is_fast() -> bool:
+    """bf16 autocast only pays off on CPUs with native bf16 (AVX512-BF16/AMX); on AVX2 it is ~50x slower."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or torch.cuda.is_available()
+
+
+class BatchMaker:
+    """Builds (input_ids, attention, labels, weights) batches; rows depend only on (seed, step)."""
+
+    def __init__(self, template: ReasoningTemplate, seed: int, mix: tuple[float, float, float], step_weights: list[float]):
+        self.template, self.seed, self.mix, self.step_weights = template, seed, mix, step_weights
+        self.config = synthetic.SyntheticConfig(1, 6)
+
+    def _problem(self, rng: random.Random) -> synthetic.SyntheticProblem:
+        steps = rng.choices(range(1, 7), weights=self.step_weights)[0]
+        return synthetic.make_problem(rng, steps, self.config)
+
+    def row(self, rng: random.Random) -> tuple[list[int], list[bool], float]:
+        """One canvas, which slots are masked, and the loss weight of its masked slots."""
+        tpl = self.template
+        while True:
+            problem = self._problem(rng)
+            layout = rng.choices(("uniform", "prefix", "corrupted"), weights=self.mix)[0]
+            steps, answer, first_visible_error = problem.steps, problem.answer, None
+            if layout == "corrupted":
+                trace = synthetic.corrupt(problem, rng.choice(TRAIN_KINDS), rng)
+                if trace is None or trace.answer < 0:
+                    continue
+                steps, answer, first_visible_error = trace.steps, trace.answer, trace.first_error
+            try:
+                question = tpl.encode_question(problem.question)
+                reasoning = tpl.encode_reasoning(steps)
+                answer_ids = tpl.encode_answer(str(answer))
+            except TemplateError:
+                continue
+            ids = tpl.canvas(question, reasoning, answer_ids)
+            spans = tpl.spans(len(ids))
+            response = list(range(spans.reasoning.start, spans.reasoning.stop)) + list(range(spans.answer.start, spans.answer.stop))
+            masked = [False] * len(ids)
+            if layout == "uniform":
+                t = rng.uniform(EPS, 1.0)
+                chosen = [p for p in response if rng.random() < t] or [rng.choice(response)]
+                for p in chosen:
+                    masked[p] = True
+                return ids, masked, 1.0 / t
+            step_spans = tpl.step_spans(reasoning)
+            low = 0 if first_visible_error is None else first_visible_error + 1
+            k = rng.randint(low, len(step_spans))
+            visible_end = spans.reasoning.start + (step_spans[k][0] if k < len(step_spans) else step_spans[-1][1])
+            for p in response:
+                masked[p] = p >= visible_end
+            return ids, masked, 1.0
+
+    def batch(self, step: int, size: int):
+        rng = random.Random(f"train:{self.seed}:{step}")
+        rows = [self.row(rng) for _ in range(size)]
+        ids, attention = self.template.collate([r[0] for r in rows])
+        length = ids.shape[1]
+        masked = torch.zeros_like(ids, dtype=torch.bool)
+        weights = torch.zeros(ids.shape, dtype=torch.float32)
+        for i, (row, row_mask, w) in enumerate(rows):
+            masked[i, length - len(row) :] = torch.tensor(row_mask)
+            weights[i] = w
+        inputs = ids.masked_fill(masked, self.template.mask_id)
+        return inputs, attention, ids, masked, weights
+
+
+def response_slots(template: ReasoningTemplate) -> int:
+    return template.config.reasoning_slots + template.config.answer_slots
+
+
+@torch.no_grad()
+def one_pass_answer_accuracy(model, template: ReasoningTemplate, problems) -> float:
+    """Share of problems whose answer slots, read in one pass from the question alone, spell the gold answer."""
+    rows = [template.canvas(template.encode_question(p.question)) for p in problems]
+    ids, attention = template.collate(rows)
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    spans = template.spans(ids.shape[1])
+    pred = logits[:, spans.answer].argmax(-1)
+    return sum(template.parse_answer(pred[i].tolist()) == str(p.answer) for i, p in enumerate(problems)) / len(problems)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.25, 0.25), metavar=("UNIFORM", "PREFIX", "CORRUPTED"))
+    ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")
+    ap.add_argument("--init-from", type=Path, help="start from an exported model (e.g. the shipped one)")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = args.out / "checkpoint.pt"
+    if args.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        model = AutoModelForMaskedLM.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        tokenizer = build_tokenizer()
+        model = ModernBertForMaskedLM(embedded_config(tokenizer, args.hidden, args.layers, args.heads, args.intermediate))
+    template = ReasoningTemplate(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, elapsed = state["step"], state["elapsed_s"]
+        print(f"resumed at step {start}", flush=True)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast())
+    maker = BatchMaker(template, args.seed, tuple(args.mix), list(args.step_weights))
+    val = synthetic.generate(256, seed=987654, config=synthetic.SyntheticConfig(2, 4))
+    log = (args.out / "train_log.jsonl").open("a")
+    n_response = response_slots(template)
+    model.train()
+    t0 = time.time() - elapsed
+    for step in range(start, args.steps):
+        inputs, attention, targets, masked, weights = maker.batch(step, args.batch_size)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(input_ids=inputs, attention_mask=attention).logits
+        logits = logits[masked].float()
+        ce = F.cross_entropy(logits, targets[masked], reduction="none")
+        loss = (ce * weights[masked]).sum() / (inputs.shape[0] * n_response)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 10 == 0 or step == args.steps - 1:
+            acc = (logits.argmax(-1) == targets[masked]).float().mean().item()
+            record = {"step": step, "loss": round(loss.item(), 4), "masked_acc": round(acc, 4), "elapsed_s": round(time.time() - t0, 1)}
+            if (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1:
+                model.eval()
+                record["one_pass_answer_acc"] = one_pass_answer_accuracy(model, template, val)
+                model.train()
+            print(json.dumps(record), flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1, "elapsed_s": time.time() - t0}
+            torch.save(state, ckpt_path.with_suffix(".tmp"))
+            ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # atomic: a kill never leaves half a checkpoint
+            model.save_pretrained(args.out / "hf", safe_serialization=True)
+            tokenizer.save_pretrained(args.out / "hf")
+            (args.out / "hf" / "training_state.json").write_text(json.dumps({"step": step + 1, "elapsed_s": round(time.time() - t0), "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pydantic records and the build spec; the Arrow schemas are derived from these models."""
