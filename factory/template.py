@@ -56,27 +56,27 @@ class ReasoningTemplate:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Unused slots hold a token the model learned to emit; LLaDA and our model use end-of-text.
         self.filler_id = filler_id if filler_id is not None else tokenizer.eos_token_id
-        self.separator_ids = self._encode(self.config.step_separator)
-        self.delimiter_ids = self._encode(" " + self.config.delimiter.strip())
-        self.close_ids = self._encode(self.config.answer_close)
+        self.separator_ids = self.encode_text(self.config.step_separator)
+        self.delimiter_ids = self.encode_text(" " + self.config.delimiter.strip())
+        self.close_ids = self.encode_text(self.config.answer_close)
         self.end_ids = [tokenizer.eos_token_id]
 
     # ---- encoding -------------------------------------------------------------------------
 
-    def _encode(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _check_known(self, ids: list[int], text: str, what: str) -> None:
         unk = self.tokenizer.unk_token_id
         if unk is not None and unk in ids:
             pieces = [tok for tok, i in zip(self.tokenizer.convert_ids_to_tokens(ids), ids) if i == unk]
-            unknown = [w for w in re.findall(r"\S+", text) if unk in self._encode(w)]
+            unknown = [w for w in re.findall(r"\S+", text) if unk in self.encode_text(w)]
             raise TemplateError("unknown_tokens", f"{what} has text outside the tokenizer vocabulary: {unknown[:5] or pieces[:5]}")
 
     def encode_question(self, question: str) -> list[int]:
         if not question or not question.strip():
             raise TemplateError("empty_question", "the question is empty")
-        ids = self._encode(question.strip())
+        ids = self.encode_text(question.strip())
         self._check_known(ids, question, "question")
         if len(ids) > self.config.max_question_tokens:
             raise TemplateError(
@@ -87,7 +87,7 @@ class ReasoningTemplate:
 
     def encode_reasoning(self, steps: list[str]) -> list[int]:
         """Steps joined by the separator, then filler to the slot count."""
-        ids = self._encode(self.config.step_separator.join(s.strip() for s in steps))
+        ids = self.encode_text(self.config.step_separator.join(s.strip() for s in steps))
         self._check_known(ids, " ".join(steps), "reasoning")
         free = self.config.reasoning_slots - len(ids)
         if free < 0:
@@ -97,7 +97,7 @@ class ReasoningTemplate:
     def encode_answer(self, answer: str) -> list[int]:
         if not NUMBER.match(answer.strip()):
             raise TemplateError("non_numeric_answer", f"answer {answer!r} is not an integer")
-        ids = self._encode(answer.strip()) + self.close_ids
+        ids = self.encode_text(answer.strip()) + self.close_ids
         self._check_known(ids, answer, "answer")
         free = self.config.answer_slots - len(ids)
         if free < 0:

@@ -1,0 +1,98 @@
+"""One interface over the masked LMs the factory samples from.
+
+- `masked_lm`: any `AutoModelForMaskedLM` (the embedded model, BERT/ModernBERT-style MDLMs);
+- `llada`: LLaDA-style checkpoints loaded with `AutoModel` and the repository's own code;
+- `dream`: Dream-style models, whose logits at position i predict token i+1 (shifted by one).
+Remote code runs only when the user both allows it and pins a revision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+from factory.models.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
+
+KINDS = ("auto", "masked_lm", "llada", "dream")
+# LLaDA's tokenizer has no mask token registered; its mask id is fixed by the model.
+LLADA_MASK_ID = 126336
+
+
+class RemoteCodeRefused(ValueError):
+    pass
+
+
+@dataclass
+class ModelAdapter:
+    model: torch.nn.Module
+    tokenizer: object
+    kind: str
+    mask_id: int
+    model_id: str
+    revision: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Float32 logits aligned so that logits[:, i] is the distribution of token i."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.kind == "dream":
+            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+        return out.float()
+
+    @classmethod
+    def load(
+        cls,
+        model_id: str | Path | None = None,
+        kind: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "ModelAdapter":
+        """Load a model by hub id or path; `None` or 'embedded' loads the shipped embedded model."""
+        if kind not in KINDS:
+            raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
+        path = EMBEDDED_MODEL_DIR if model_id in (None, "embedded", EMBEDDED_MODEL_ID) else model_id
+        name = EMBEDDED_MODEL_ID if path == EMBEDDED_MODEL_DIR else str(model_id)
+        if trust_remote_code and not revision:
+            raise RemoteCodeRefused(f"{name}: trust_remote_code needs a pinned revision (a commit hash), so the code that runs is known")
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        uses_remote_code = bool(getattr(config, "auto_map", None)) and type(config).__module__.startswith("transformers_modules")
+        if kind == "auto":
+            kind = _guess_kind(config)
+        if kind in ("llada", "dream") and not trust_remote_code and uses_remote_code:
+            raise RemoteCodeRefused(f"{name} ships its own model code; set trust_remote_code=true and a pinned revision to run it")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        loader = AutoModelForMaskedLM if kind == "masked_lm" else AutoModel
+        model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        mask_id = tokenizer.mask_token_id
+        if mask_id is None:
+            mask_id = getattr(config, "mask_token_id", None) or (LLADA_MASK_ID if kind == "llada" else None)
+        if mask_id is None:
+            raise ValueError(f"{name}: no mask token id in its tokenizer or config")
+        if tokenizer.mask_token_id is None:
+            tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
+        return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, revision)
+
+
+def _guess_kind(config) -> str:
+    model_type = getattr(config, "model_type", "").lower()
+    if "llada" in model_type:
+        return "llada"
+    if "dream" in model_type:
+        return "dream"
+    return "masked_lm"

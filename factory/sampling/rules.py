@@ -1,0 +1,145 @@
+"""Unmasking rules: pure functions from one step's predictions to the slots to commit.
+
+Every rule takes a `StepView` over the decodable region of a batch ([B, R] tensors) and returns a
+bool [B, R] commit mask that is a subset of `view.candidates` and holds at least one slot for every
+row that still has a candidate. The sampler loop knows nothing of any one rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepView:
+    confidence: torch.Tensor  # [B, R] probability of the proposed token
+    entropy: torch.Tensor  # [B, R] entropy (nats) of the slot's predictive distribution
+    candidates: torch.Tensor  # [B, R] bool, masked slots the rule may commit
+    steps_taken: torch.Tensor  # [B] forward passes this row has had before this one
+    noise: torch.Tensor  # [B, R] uniform(0, 1) from each row's own generator (for random order)
+
+
+Rule = Callable[[StepView], torch.Tensor]
+
+
+def take_top(score: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Commit the `count[b]` highest-scoring candidates of each row b."""
+    score = score.masked_fill(~candidates, float("-inf"))
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (ranks < count.unsqueeze(1)) & candidates
+
+
+def at_least_one(commit: torch.Tensor, score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Add each row's best candidate where the rule chose nothing, so every pass makes progress."""
+    empty = ~commit.any(dim=1) & candidates.any(dim=1)
+    best = take_top(score, candidates, torch.ones_like(score[:, 0], dtype=torch.long))
+    return commit | (best & empty.unsqueeze(1))
+
+
+def leftmost_first(candidates: torch.Tensor) -> torch.Tensor:
+    """A score that ranks candidates by position, leftmost highest."""
+    positions = torch.arange(candidates.shape[1], device=candidates.device, dtype=torch.float32)
+    return -positions.expand(candidates.shape)
+
+
+def left_to_right(view: StepView) -> torch.Tensor:
+    """One slot per step, the leftmost masked one."""
+    return take_top(leftmost_first(view.candidates), view.candidates, torch.ones_like(view.steps_taken))
+
+
+def random_order(view: StepView) -> torch.Tensor:
+    """One slot per step in random order: the floor any informed order should beat."""
+    return take_top(view.noise, view.candidates, torch.ones_like(view.steps_taken))
+
+
+def entropy_order(view: StepView) -> torch.Tensor:
+    """One slot per step, the lowest-entropy one (the paper's one-token baseline)."""
+    return take_top(-view.entropy, view.candidates, torch.ones_like(view.steps_taken))
+
+
+def llada_low_confidence(view: StepView, steps: int, block_length: int) -> torch.Tensor:
+    """LLaDA's reference sampler: semi-autoregressive blocks, `steps` passes shared equally among
+    blocks, and in each pass the highest-confidence slots of the current block. Tokens per pass
+    follow the linear schedule: the remaining masked count spread evenly over the remaining
+    passes, the remainder front-loaded, which is what `get_num_transfer_tokens` computes."""
+    region = view.candidates.shape[1]
+    num_blocks = -(-region // block_length)
+    if steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
+    per_block = steps // num_blocks
+    block_of = torch.arange(region, device=view.candidates.device) // block_length
+    masked_blocks = torch.where(view.candidates, block_of.expand_as(view.candidates), num_blocks)
+    current = masked_blocks.min(dim=1).values  # [B] first block that still has masks
+    in_block = view.candidates & (block_of.unsqueeze(0) == current.unsqueeze(1))
+    step_in_block = (view.steps_taken - current * per_block).clamp(0, per_block - 1)
+    remaining = in_block.sum(dim=1)
+    count = torch.div(remaining + (per_block - step_in_block) - 1, per_block - step_in_block, rounding_mode="floor")
+    commit = take_top(view.confidence, in_block, count)
+    return at_least_one(commit, view.confidence, in_block)
+
+
+def confidence_threshold(view: StepView, tau: float) -> torch.Tensor:
+    """Fast-dLLM: every slot whose proposed token has probability >= tau."""
+    return at_least_one(view.candidates & (view.confidence >= tau), view.confidence, view.candidates)
+
+
+def entropy_bounded(view: StepView, gamma: float) -> torch.Tensor:
+    """EB-sampler: the largest entropy-sorted prefix whose entropy sum minus its maximum is <= gamma."""
+    ent = view.entropy.masked_fill(~view.candidates, float("inf"))
+    sorted_ent, order = ent.sort(dim=1, stable=True)
+    finite = torch.isfinite(sorted_ent)
+    before = torch.cumsum(sorted_ent.masked_fill(~finite, 0.0), dim=1) - sorted_ent.masked_fill(~finite, 0.0)
+    count = ((before <= gamma) & finite).sum(dim=1).clamp(min=1)
+    return take_top(-ent, view.candidates, count)
+
+
+def med(view: StepView, lam: float, max_per_step: int | None = None) -> torch.Tensor:
+    """MED as the paper states it: every slot with entropy below lam, at least the lowest one."""
+    commit = at_least_one(view.candidates & (view.entropy < lam), -view.entropy, view.candidates)
+    if max_per_step is not None:
+        commit = take_top(-view.entropy, commit, torch.full_like(view.steps_taken, max_per_step))
+    return commit
+
+
+def med_prefix(view: StepView, lam: float, max_per_step: int | None = None) -> torch.Tensor:
+    """MED over the left frontier: the leftmost masked slot always, plus the masked slots after it,
+    in order, while each has entropy below lam.
+
+    Plain MED also commits confident slots far to the right whose prediction rests on reasoning
+    not yet written (a later result guessed before the step that computes it); its joint error is
+    small by the entropy bound only if those marginals are calibrated, and on arithmetic they are
+    not. Keeping commits contiguous with the written prefix keeps left-to-right's accuracy and
+    still writes copied operands, symbols, separators and trailing filler in parallel.
+    """
+    low = view.candidates & (view.entropy < lam)
+    # A candidate qualifies if no higher-entropy candidate stands before it.
+    blocked = torch.cumsum((view.candidates & ~low).int(), dim=1) > 0
+    commit = low & ~blocked
+    commit = at_least_one(commit, leftmost_first(view.candidates), view.candidates)
+    if max_per_step is not None:
+        commit = take_top(leftmost_first(commit), commit, torch.full_like(view.steps_taken, max_per_step))
+    return commit
+
+
+RULES: dict[str, Callable[..., torch.Tensor]] = {
+    "left_to_right": left_to_right,
+    "random": random_order,
+    "entropy": entropy_order,
+    "llada": llada_low_confidence,
+    "threshold": confidence_threshold,
+    "eb": entropy_bounded,
+    "med": med,
+    "med_prefix": med_prefix,
+}
+
+
+def make_rule(name: str, **params) -> Rule:
+    if name not in RULES:
+        raise ValueError(f"unknown unmasking rule {name!r}; choose from {sorted(RULES)}")
+    return partial(RULES[name], **params)

@@ -1,0 +1,140 @@
+"""Grading reasoning steps with the MDLM itself: no rollouts, no external model.
+
+Answer-conditioned score: for each prefix of k steps, keep the question and the first k steps,
+mask the rest of the reasoning and the answer slots, and read log p(gold answer). A step's score
+is the change it causes. Two estimators for multi-token answers: the product of per-slot marginals
+(one pass per prefix) and the chain rule (answer tokens revealed one at a time, one pass each).
+
+Self-consistency: mask a step's result (or the whole step) with everything else visible and the
+answer masked, and read its log-probability: a step the model would not have written scores low.
+All inputs of all traces are independent canvases, so they batch into as few passes as possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from factory.models.adapter import ModelAdapter
+from factory.template import ReasoningTemplate
+
+ESTIMATORS = ("marginal", "chain")
+
+
+@dataclass(frozen=True)
+class Trace:
+    question_ids: list[int]
+    reasoning_ids: list[int]  # the full reasoning region, filler included
+    answer_ids: list[int]  # the gold answer region (number, close, filler)
+
+
+@dataclass
+class TraceScores:
+    prefix_logp: list[float]  # log p(gold answer | question, steps[:k]) for k = 0..n
+    step_scores: list[float]  # prefix_logp[k] - prefix_logp[k-1] for k = 1..n
+    self_consistency: list[float]  # mean log p of each step's masked result, all else visible
+    forward_passes: float  # passes spent on this trace (shared batches counted by row share)
+
+    @property
+    def final_score(self) -> float:
+        return self.prefix_logp[-1]
+
+    @property
+    def min_step_score(self) -> float:
+        return min(self.step_scores, default=0.0)
+
+    def first_suspect_step(self, threshold: float = -1.0) -> int | None:
+        """The first step whose answer-conditioned score drops below `threshold` nats."""
+        return next((i for i, s in enumerate(self.step_scores) if s < threshold), None)
+
+
+class StepScorer:
+    def __init__(self, adapter: ModelAdapter, template: ReasoningTemplate, estimator: str = "marginal", batch_size: int = 128):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {estimator!r} is not one of {ESTIMATORS}")
+        self.adapter, self.template, self.estimator, self.batch_size = adapter, template, estimator, batch_size
+
+    # ---- canvases ------------------------------------------------------------------------
+
+    def scored_answer_length(self, answer_ids: list[int]) -> int:
+        """Answer tokens that carry the answer: the number and the closing brace, not the filler."""
+        return next((i for i, t in enumerate(answer_ids) if t == self.template.filler_id), len(answer_ids))
+
+    def visible_end(self, reasoning_ids: list[int], k: int) -> int:
+        spans = self.template.step_spans(reasoning_ids)
+        if not spans:
+            return 0
+        return spans[k][0] if k < len(spans) else spans[-1][1]
+
+    def prefix_rows(self, trace: Trace) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Canvases for every prefix (and, for the chain rule, every answer token), each with the
+        (answer slot, gold token) pairs whose log-probabilities it contributes."""
+        tpl, mask = self.template, self.adapter.mask_id
+        n_steps = len(tpl.step_spans(trace.reasoning_ids))
+        m = self.scored_answer_length(trace.answer_ids)
+        rows = []
+        for k in range(n_steps + 1):
+            end = self.visible_end(trace.reasoning_ids, k)
+            reasoning = trace.reasoning_ids[:end] + [mask] * (len(trace.reasoning_ids) - end)
+            if self.estimator == "marginal":
+                rows.append((tpl.canvas(trace.question_ids, reasoning, None), [(j, trace.answer_ids[j]) for j in range(m)]))
+            else:
+                for j in range(m):
+                    answer = trace.answer_ids[:j] + [mask] * (len(trace.answer_ids) - j)
+                    rows.append((tpl.canvas(trace.question_ids, reasoning, answer), [(j, trace.answer_ids[j])]))
+        return rows
+
+    def consistency_rows(self, trace: Trace, result_only: bool = True) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """One canvas per step with that step's result (tokens after the last '=') or whole step masked."""
+        tpl, mask = self.template, self.adapter.mask_id
+        equals = set(tpl.encode_text("="))
+        rows = []
+        for start, end in tpl.step_spans(trace.reasoning_ids):
+            step = trace.reasoning_ids[start:end]
+            eq = max((i for i, t in enumerate(step) if t in equals), default=-1) if result_only else -1
+            hidden = range(start + eq + 1, end) if eq + 1 < len(step) else range(start, end)
+            reasoning = [mask if i in hidden else t for i, t in enumerate(trace.reasoning_ids)]
+            rows.append((tpl.canvas(trace.question_ids, reasoning, None), [(-1 - i, trace.reasoning_ids[i]) for i in hidden]))
+        return rows
+
+    # ---- batched reading -----------------------------------------------------------------
+
+    def _read(self, rows: list[tuple[list[int], list[tuple[int, int]]]]) -> list[list[float]]:
+        """Per row, the log-probabilities of its (slot, token) pairs. Slot j >= 0 is answer slot j;
+        slot -1-i is reasoning slot i."""
+        tpl = self.template
+        out: list[list[float]] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            ids, attention = tpl.collate([r[0] for r in chunk])
+            spans = tpl.spans(ids.shape[1])
+            logp = self.adapter.logits(ids, attention).log_softmax(-1).cpu()
+            for b, (_, pairs) in enumerate(chunk):
+                values = []
+                for slot, token in pairs:
+                    pos = spans.answer.start + slot if slot >= 0 else spans.reasoning.start + (-1 - slot)
+                    values.append(float(logp[b, pos, token]))
+                out.append(values)
+        return out
+
+    def score(self, traces: list[Trace], self_consistency: bool = True) -> list[TraceScores]:
+        prefix = [self.prefix_rows(t) for t in traces]
+        consistency = [self.consistency_rows(t) if self_consistency else [] for t in traces]
+        flat = [row for rows in prefix for row in rows] + [row for rows in consistency for row in rows]
+        values = iter(self._read(flat))
+        batches = -(-len(flat) // self.batch_size) if flat else 0
+        per_row_passes = batches / max(1, len(flat))
+        prefix_values = [[next(values) for _ in rows] for rows in prefix]
+        consistency_values = [[next(values) for _ in rows] for rows in consistency]
+        results = []
+        for t, pv, cv in zip(traces, prefix_values, consistency_values):
+            if self.estimator == "marginal":
+                logp = [sum(v) for v in pv]
+            else:
+                m = max(1, self.scored_answer_length(t.answer_ids))
+                logp = [sum(sum(v) for v in pv[k : k + m]) for k in range(0, len(pv), m)]
+            steps = [b - a for a, b in zip(logp, logp[1:])]
+            sc = [sum(v) / max(1, len(v)) for v in cv]
+            results.append(TraceScores(logp, steps, sc, per_row_passes * (len(pv) + len(cv))))
+        return results
