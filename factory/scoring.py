@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from factory.models.adapter import ModelAdapter
 from factory.template import ReasoningTemplate
 

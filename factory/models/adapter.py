@@ -60,7 +60,7 @@ class ModelAdapter:
         trust_remote_code: bool = False,
         device: str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "ModelAdapter":
+    ) -> ModelAdapter:
         """Load a model by hub id or path; `None` or 'embedded' loads the shipped embedded model."""
         if kind not in KINDS:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")

@@ -7,9 +7,10 @@ row that still has a candidate. The sampler loop knows nothing of any one rule.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -63,12 +64,13 @@ def entropy_order(view: StepView) -> torch.Tensor:
     return take_top(-view.entropy, view.candidates, torch.ones_like(view.steps_taken))
 
 
-def llada_low_confidence(view: StepView, steps: int, block_length: int) -> torch.Tensor:
+def llada_low_confidence(view: StepView, steps: int | None = None, block_length: int | None = None) -> torch.Tensor:
     """LLaDA's reference sampler: semi-autoregressive blocks, `steps` passes shared equally among
     blocks, and in each pass the highest-confidence slots of the current block. Tokens per pass
     follow the linear schedule: the remaining masked count spread evenly over the remaining
     passes, the remainder front-loaded, which is what `get_num_transfer_tokens` computes."""
     region = view.candidates.shape[1]
+    steps, block_length = steps or region, block_length or region
     num_blocks = -(-region // block_length)
     if steps % num_blocks:
         raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
@@ -84,12 +86,12 @@ def llada_low_confidence(view: StepView, steps: int, block_length: int) -> torch
     return at_least_one(commit, view.confidence, in_block)
 
 
-def confidence_threshold(view: StepView, tau: float) -> torch.Tensor:
+def confidence_threshold(view: StepView, tau: float = 0.9) -> torch.Tensor:
     """Fast-dLLM: every slot whose proposed token has probability >= tau."""
     return at_least_one(view.candidates & (view.confidence >= tau), view.confidence, view.candidates)
 
 
-def entropy_bounded(view: StepView, gamma: float) -> torch.Tensor:
+def entropy_bounded(view: StepView, gamma: float = 1.0) -> torch.Tensor:
     """EB-sampler: the largest entropy-sorted prefix whose entropy sum minus its maximum is <= gamma."""
     ent = view.entropy.masked_fill(~view.candidates, float("inf"))
     sorted_ent, order = ent.sort(dim=1, stable=True)
@@ -99,7 +101,7 @@ def entropy_bounded(view: StepView, gamma: float) -> torch.Tensor:
     return take_top(-ent, view.candidates, count)
 
 
-def med(view: StepView, lam: float, max_per_step: int | None = None) -> torch.Tensor:
+def med(view: StepView, lam: float = 0.2, max_per_step: int | None = None) -> torch.Tensor:
     """MED as the paper states it: every slot with entropy below lam, at least the lowest one."""
     commit = at_least_one(view.candidates & (view.entropy < lam), -view.entropy, view.candidates)
     if max_per_step is not None:
@@ -107,7 +109,7 @@ def med(view: StepView, lam: float, max_per_step: int | None = None) -> torch.Te
     return commit
 
 
-def med_prefix(view: StepView, lam: float, max_per_step: int | None = None) -> torch.Tensor:
+def med_prefix(view: StepView, lam: float = 0.3, max_per_step: int | None = None) -> torch.Tensor:
     """MED over the left frontier: the leftmost masked slot always, plus the masked slots after it,
     in order, while each has entropy below lam.
 
@@ -142,4 +144,8 @@ RULES: dict[str, Callable[..., torch.Tensor]] = {
 def make_rule(name: str, **params) -> Rule:
     if name not in RULES:
         raise ValueError(f"unknown unmasking rule {name!r}; choose from {sorted(RULES)}")
+    allowed = [p for p in inspect.signature(RULES[name]).parameters if p != "view"]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"rule {name!r} takes no parameter {unknown}; it takes {allowed}")
     return partial(RULES[name], **params)

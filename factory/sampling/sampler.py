@@ -22,7 +22,7 @@ from factory.template import ReasoningTemplate
 @dataclass(frozen=True)
 class SamplerConfig:
     rule: str = "med_prefix"
-    rule_params: dict = field(default_factory=lambda: {"lam": 0.3})
+    rule_params: dict = field(default_factory=dict)
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None

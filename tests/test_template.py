@@ -1,0 +1,60 @@
+import pytest
+
+from factory.sources.synthetic import SyntheticConfig, generate
+from factory.template import ReasoningTemplate, TemplateConfig, TemplateError
+
+
+def test_round_trip_and_shared_spans(template):
+    problems = generate(5, seed=2, config=SyntheticConfig(1, 6))
+    rows = []
+    for p in problems:
+        row = template.canvas(template.encode_question(p.question), template.encode_reasoning(p.steps), template.encode_answer(str(p.answer)))
+        rows.append(row)
+    ids, attention = template.collate(rows)
+    spans = template.spans(ids.shape[1])
+    for i, p in enumerate(problems):
+        reasoning = ids[i, spans.reasoning].tolist()
+        assert template.decode(reasoning) == "\n".join(p.steps)
+        assert template.split_steps(reasoning) == p.steps
+        assert template.parse_answer(ids[i, spans.answer].tolist()) == str(p.answer)
+        assert attention[i].sum() == len(rows[i])
+        assert template.decode(ids[i, : spans.reasoning.start].tolist()).startswith(p.question[:10])
+
+
+def test_masked_regions_and_multi_token_answer(template):
+    q = template.encode_question("Tom has 5 apples. How many apples does Tom have now?")
+    row = template.canvas(q)
+    spans = template.spans(len(row))
+    assert all(t == template.mask_id for t in row[spans.reasoning]) and all(t == template.mask_id for t in row[spans.answer])
+    answer = template.encode_answer("1234")  # chunked like Llama-3: '123', '4'
+    assert len([t for t in answer if t != template.filler_id]) == 3
+    assert template.parse_answer(answer) == "1234"
+
+
+def test_bad_input_gets_clear_reasons(template):
+    cases = [
+        (lambda: template.encode_question(""), "empty_question"),
+        (lambda: template.encode_question("Tom has 5 apples. " * 30), "question_too_long"),
+        (lambda: template.encode_question("Tom has 5 zorblax."), "unknown_tokens"),
+        (lambda: template.encode_answer("five"), "non_numeric_answer"),
+        (lambda: template.encode_answer("123456789012345"), "answer_too_long"),
+        (lambda: template.encode_reasoning(["1 + 1 = 2"] * 20), "reasoning_too_long"),
+    ]
+    for call, reason in cases:
+        with pytest.raises(TemplateError) as err:
+            call()
+        assert err.value.reason == reason
+    with pytest.raises(TemplateError, match="zorblax"):
+        template.encode_question("Tom has 5 zorblax.")
+
+
+def test_llada_style_layout_is_expressible(tokenizer):
+    delimiter = "The answer is \\boxed{"
+    delimiter_tokens = len(tokenizer(delimiter, add_special_tokens=False)["input_ids"])
+    llada = ReasoningTemplate(tokenizer, TemplateConfig(reasoning_slots=256 - 10 - delimiter_tokens, answer_slots=10, delimiter=delimiter))
+    q = llada.encode_question("Tom has 5 apples. How many apples does Tom have now?")
+    row = llada.canvas(q)
+    spans = llada.spans(len(row))
+    # generation canvas: reasoning + delimiter + answer = 256 tokens
+    assert spans.answer.stop - spans.reasoning.start == 256
+    assert llada.suffix_length == 256 + 1
