@@ -40,7 +40,7 @@ def cli_eval(argv: list[str]) -> None:
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--rule", default="left_to_right", help="unmasking rule (default: one token per step, left to right)")
-    ap.add_argument("--rule-params", type=json.loads, default={}, help='JSON, e.g. \'{"lam": 0.3}\'')
+    ap.add_argument("--rule-params", type=json.loads, default={}, help="JSON, e.g. '{\"lam\": 0.3}'")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--json", type=Path, help="write the report here too")
     args = ap.parse_args(argv)

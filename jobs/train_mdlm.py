@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> None:
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # atomic: a kill never leaves half a checkpoint
             model.save_pretrained(args.out / "hf", safe_serialization=True)
             tokenizer.save_pretrained(args.out / "hf")
-            (args.out / "hf" / "training_state.json").write_text(json.dumps({"step": step + 1, "elapsed_s": round(time.time() - t0), "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+            (args.out / "hf" / "training_state.json").write_text(
+                json.dumps(
+                    {"step": step + 1, "elapsed_s": round(time.time() - t0), "args": {k: str(v) for k, v in vars(args).items()}}, indent=1
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,19 @@ def test_med_prefix_stays_contiguous_with_the_written_text():
     assert committed(rule(view(entropy=[0.9, 0.01, 0.01]))) == [0]
 
 
-@pytest.mark.parametrize("name,params", [("left_to_right", {}), ("random", {}), ("entropy", {}), ("llada", {"steps": 4, "block_length": 2}),
-                                         ("threshold", {"tau": 0.99}), ("eb", {"gamma": 0.0}), ("med", {"lam": 0.0}), ("med_prefix", {"lam": 0.0})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("left_to_right", {}),
+        ("random", {}),
+        ("entropy", {}),
+        ("llada", {"steps": 4, "block_length": 2}),
+        ("threshold", {"tau": 0.99}),
+        ("eb", {"gamma": 0.0}),
+        ("med", {"lam": 0.0}),
+        ("med_prefix", {"lam": 0.0}),
+    ],
+)
 def test_every_rule_commits_within_candidates_and_at_least_one_per_unfinished_row(name, params):
     torch.manual_seed(0)
     conf, ent, noise = torch.rand(5, 4), torch.rand(5, 4) * 3, torch.rand(5, 4)

@@ -48,7 +48,9 @@ def test_early_exit_writes_the_answer_and_the_rest_in_one_pass(tiny_adapter, tem
     exit_now = sampler(tiny_adapter, template, rule="left_to_right", early_exit_gamma=float("inf")).generate(QUESTIONS[:3])
     assert all(r.exited_early and r.nfe == 1 for r in exit_now)
     assert all(template.mask_id not in r.reasoning_ids + r.answer_ids for r in exit_now)
-    answer_only = sampler(tiny_adapter, template, rule="left_to_right", early_exit_gamma=float("inf"), exit_fill="answer").generate(QUESTIONS[:1])[0]
+    answer_only = sampler(tiny_adapter, template, rule="left_to_right", early_exit_gamma=float("inf"), exit_fill="answer").generate(
+        QUESTIONS[:1]
+    )[0]
     assert template.mask_id not in answer_only.answer_ids and template.mask_id in answer_only.reasoning_ids
 
 

@@ -28,7 +28,9 @@ def test_problems_respect_knobs_and_steps_compute_the_answer():
         assert record.problem_id == synthetic.problem_id(record.question, record.gold_answer)
 
 
-@pytest.mark.parametrize("kwargs", [{"min_steps": 0}, {"max_steps": 7}, {"min_steps": 4, "max_steps": 3}, {"operations": ("-",)}, {"max_value": 5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"min_steps": 0}, {"max_steps": 7}, {"min_steps": 4, "max_steps": 3}, {"operations": ("-",)}, {"max_value": 5}]
+)
 def test_bad_knobs_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SyntheticConfig(**kwargs)

@@ -8,7 +8,9 @@ def test_round_trip_and_shared_spans(template):
     problems = generate(5, seed=2, config=SyntheticConfig(1, 6))
     rows = []
     for p in problems:
-        row = template.canvas(template.encode_question(p.question), template.encode_reasoning(p.steps), template.encode_answer(str(p.answer)))
+        row = template.canvas(
+            template.encode_question(p.question), template.encode_reasoning(p.steps), template.encode_answer(str(p.answer))
+        )
         rows.append(row)
     ids, attention = template.collate(rows)
     spans = template.spans(ids.shape[1])

@@ -134,7 +134,9 @@ class CanvasSampler:
         def retire(slot: int) -> None:
             index = owner[slot]
             row = ids[slot].tolist()
-            results[index] = SampleResult(requests[index].key, row[spans.reasoning], row[spans.answer], int(steps_taken[slot]), bool(exited[slot]))
+            results[index] = SampleResult(
+                requests[index].key, row[spans.reasoning], row[spans.answer], int(steps_taken[slot]), bool(exited[slot])
+            )
             owner[slot] = -1
 
         for slot in range(capacity):

@@ -151,7 +151,9 @@ class _Builder:
         room = cfg.max_value - self.total
         if kind == "add" and room >= 1:
             v = rng.randint(1, min(30, room))
-            text = rng.choice([f"{p} buys {v} more {item}.", f"{p} finds {v} more {item}.", f"{p} gets {v} {item} from {rng.choice(FRIENDS)}."])
+            text = rng.choice(
+                [f"{p} buys {v} more {item}.", f"{p} finds {v} more {item}.", f"{p} gets {v} {item} from {rng.choice(FRIENDS)}."]
+            )
             self.current = self._push("+", self.current, Operand(v))
         elif kind == "sub" and "-" in cfg.operations and self.total >= 2:
             v = rng.randint(1, min(30, self.total - 1))
