@@ -1,4 +1,8 @@
+import contextlib
 import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from factory.template import ReasoningTemplate
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +39,49 @@ def tiny_adapter(tokenizer):
 @pytest.fixture(scope="session")
 def embedded_adapter():
     return ModelAdapter.load("embedded", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_adapter, tmp_path_factory):
+    """The tiny model saved like a hub checkpoint, for code that loads its model by path (Ray actors, jobs)."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_adapter.model.save_pretrained(path)
+    tiny_adapter.tokenizer.save_pretrained(path)
+    return path
+
+
+def session_members(session_id: int) -> list[int]:
+    """Live processes in a session (field 6 of /proc/PID/stat): what a command started with start_new_session left behind."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _, _, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue
+        if int(session) == session_id and state != "Z":  # a zombie is already dead, only not yet reaped
+            members.append(int(entry.name))
+    return members
+
+
+def kill_session(session_id: int, grace_s: float = 5.0) -> None:
+    """SIGTERM every process of the session (so Ray can clean up), then SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_members(session_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while session_members(session_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def own_sessions():
+    """Register the session ids of processes a test starts with start_new_session=True (e.g. a Ray
+    cluster); every process left in them is killed at teardown. Never `ray stop`: it stops every
+    Ray on the machine, not only ours."""
+    sessions: list[int] = []
+    yield sessions.append
+    for session_id in sessions:
+        kill_session(session_id)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from factory.models.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
 
@@ -66,14 +66,14 @@ class ModelAdapter:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
         path = EMBEDDED_MODEL_DIR if model_id in (None, "embedded", EMBEDDED_MODEL_ID) else model_id
         name = EMBEDDED_MODEL_ID if path == EMBEDDED_MODEL_DIR else str(model_id)
+        raw_config, _ = PretrainedConfig.get_config_dict(path, revision=revision)
+        if raw_config.get("auto_map") and not trust_remote_code:
+            raise RemoteCodeRefused(f"{name} ships its own model code; set trust_remote_code=true and a pinned revision to run it")
         if trust_remote_code and not revision:
             raise RemoteCodeRefused(f"{name}: trust_remote_code needs a pinned revision (a commit hash), so the code that runs is known")
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-        uses_remote_code = bool(getattr(config, "auto_map", None)) and type(config).__module__.startswith("transformers_modules")
         if kind == "auto":
             kind = _guess_kind(config)
-        if kind in ("llada", "dream") and not trust_remote_code and uses_remote_code:
-            raise RemoteCodeRefused(f"{name} ships its own model code; set trust_remote_code=true and a pinned revision to run it")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         loader = AutoModelForMaskedLM if kind == "masked_lm" else AutoModel

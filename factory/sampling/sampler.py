@@ -146,6 +146,7 @@ class CanvasSampler:
             rows = active.nonzero().squeeze(1)
             t0 = time.perf_counter()
             logits = self.adapter.logits(ids[rows], attention[rows])[:, region.to(device)].cpu()
+            logits[..., mask_id] = float("-inf")  # committing a mask would never finish the row
             self.stats["forward_s"] += time.perf_counter() - t0
             self.stats["forward_passes"] += 1
             current = ids[rows][:, region]

@@ -1,0 +1,224 @@
+"""The output directory of a build: resumable shard parts, then a Hugging Face dataset.
+
+    OUT/_build/spec.json                  the spec and its hash; a rerun with another spec is refused
+    OUT/_build/shards/00003.traces.parquet   accepted traces of shard 3
+    OUT/_build/shards/00003.done.json        its completion marker (a ShardSummary), written after the part
+    OUT/data/{traces,sft,prm}/train-00003-of-00008.parquet   one file per shard, assembled from the parts
+    OUT/data/rejected/train-00000-of-00001.parquet
+    OUT/README.md                          dataset card; its `configs:` front matter names the data files
+    OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, means
+
+Every file is written to a temporary name and renamed into place, so a build killed at any moment
+leaves each file either complete or absent, and a shard either done (marker present) or to redo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+import factory
+from schemas.arrow import arrow_schema, from_table, to_table
+from schemas.records import ChatMessage, PRMRow, Rejected, SFTRow, ShardResult, ShardSummary, TraceRow
+from schemas.spec import BuildSpec
+
+CONFIGS = {"traces": TraceRow, "sft": SFTRow, "prm": PRMRow, "rejected": Rejected}
+TMP_MARK = ".tmp-"
+
+
+class BuildError(RuntimeError):
+    """A build that must not start, e.g. an output directory made from another spec."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a hidden temporary file in the same directory, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp) if table.num_rows else write_empty_parquet(table.schema, tmp))
+
+
+def write_empty_parquet(schema: pa.Schema, path: Path) -> None:
+    """Schema only, no row group: `datasets` skips such a file, but fails on an empty row group."""
+    pq.ParquetWriter(path, schema).close()
+
+
+def data_file(config: str, index: int, count: int) -> str:
+    return f"data/{config}/train-{index:05d}-of-{count:05d}.parquet"
+
+
+# ---- the derived configs -------------------------------------------------------------------
+
+
+def sft_row(trace: TraceRow, spec: BuildSpec) -> SFTRow:
+    """The prompt is the question alone: the answer the trace was conditioned on is never shown."""
+    template = spec.template
+    answer = f"{trace.reasoning}\n{template.delimiter}{trace.gold_answer}{template.answer_close}."
+    messages = [ChatMessage(role="user", content=trace.question), ChatMessage(role="assistant", content=answer)]
+    return SFTRow(messages=messages, trace_id=trace.trace_id, problem_id=trace.problem_id)
+
+
+def prm_row(trace: TraceRow, spec: BuildSpec) -> PRMRow:
+    labels = [score >= spec.scoring.label_threshold for score in trace.step_scores]
+    return PRMRow(
+        prompt=trace.question,
+        completions=trace.steps,
+        labels=labels,
+        step_scores=trace.step_scores,
+        trace_id=trace.trace_id,
+        problem_id=trace.problem_id,
+    )
+
+
+# ---- the directory -------------------------------------------------------------------------
+
+
+class BuildDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.state = self.root / "_build" / "spec.json"
+        self.shards = self.root / "_build" / "shards"
+
+    def part(self, shard: int) -> Path:
+        return self.shards / f"{shard:05d}.traces.parquet"
+
+    def marker(self, shard: int) -> Path:
+        return self.shards / f"{shard:05d}.done.json"
+
+    def claim(self, spec: BuildSpec) -> None:
+        """Start or resume a build of `spec` here; refuse a directory that holds anything else."""
+        wanted = {"spec_hash": spec.spec_hash(), "shard_size": spec.output.shard_size}
+        if self.state.exists():
+            found = json.loads(self.state.read_text())
+            for key, value in wanted.items():
+                if found[key] != value:
+                    raise BuildError(
+                        f"{self.root} holds a build with {key} {found[key]}, but this spec has {key} {value}; "
+                        "resume only with the same spec, or choose another --output"
+                    )
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise BuildError(f"{self.root} is not empty and holds no factory build; choose another --output")
+        else:
+            write_text(self.state, json.dumps({**wanted, "spec": spec.model_dump(mode="json")}, indent=2))
+        for leftover in self.root.rglob(f".*{TMP_MARK}*"):  # from a build killed mid-write
+            leftover.unlink()
+
+    def done_shards(self) -> set[int]:
+        return {int(p.name.split(".")[0]) for p in self.shards.glob("*.done.json")}
+
+    def write_shard(self, result: ShardResult) -> None:
+        write_parquet(self.part(result.shard), to_table(result.traces, TraceRow))
+        write_text(self.marker(result.shard), result.summary().model_dump_json(indent=2))
+
+    def summaries(self, num_shards: int) -> list[ShardSummary]:
+        return [ShardSummary.model_validate_json(self.marker(i).read_text()) for i in range(num_shards)]
+
+    def assemble(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> dict:
+        """Write the dataset from the finished shards; returns the manifest."""
+        files: dict[str, list[str]] = {name: [] for name in CONFIGS}
+        for shard in range(num_shards):
+            traces = from_table(pq.read_table(self.part(shard), schema=arrow_schema(TraceRow)), TraceRow)
+            derived = {"traces": traces, "sft": [sft_row(t, spec) for t in traces], "prm": [prm_row(t, spec) for t in traces]}
+            for name, rows in derived.items():
+                files[name].append(self.write_rows(name, rows, shard, num_shards))
+        files["rejected"].append(self.write_rows("rejected", rejected, 0, 1))
+        manifest = build_manifest(spec, self.summaries(num_shards), rejected, files)
+        write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_text(self.root / "README.md", dataset_card(spec, manifest))
+        return manifest
+
+    def write_rows(self, config: str, rows: list, index: int, count: int) -> str:
+        name = data_file(config, index, count)
+        write_parquet(self.root / name, to_table(rows, CONFIGS[config]))
+        return name
+
+
+# ---- manifest and card ---------------------------------------------------------------------
+
+
+def build_manifest(spec: BuildSpec, summaries: list[ShardSummary], rejected: list[Rejected], files: dict[str, list[str]]) -> dict:
+    accepted = sum(s.accepted for s in summaries)
+    rows = {"traces": accepted, "sft": accepted, "prm": accepted, "rejected": len(rejected)}
+    filtered = sum((Counter(s.filtered) for s in summaries), Counter())
+    sampled = sum(s.sampled for s in summaries)
+    steps = sum(s.step_count for s in summaries)
+    workers = {s.worker.actor: s.worker.model_dump() for s in summaries}
+    return {
+        "spec_hash": spec.spec_hash(),
+        "code_version": factory.__version__,
+        "model": spec.model.id,
+        "problems": sum(s.problems for s in summaries),
+        "shards": len(summaries),
+        "traces_sampled": sampled,
+        "accepted": accepted,
+        "rejected": {"total": len(rejected), "by_reason": dict(sorted(Counter(r.reason for r in rejected).items()))},
+        "filtered": {"total": sum(filtered.values()), "by_reason": dict(sorted(filtered.items()))},
+        "mean_nfe": sum(s.nfe_sum for s in summaries) / sampled if sampled else None,
+        "mean_step_score": sum(s.step_score_sum for s in summaries) / steps if steps else None,
+        "files": files,
+        "empty_configs": [name for name, count in rows.items() if count == 0],
+        "workers": sorted(workers.values(), key=lambda w: w["actor"]),
+    }
+
+
+CARD_BODY = """
+# Posterior reasoning traces from {model}
+
+Built by `factory build` (mdlm-factory {code_version}) from spec `{spec_hash}`: the model wrote
+{traces_sampled} reasoning traces for {problems} problems with the gold answer clamped into the
+answer slots, scored every step by answer-conditioned likelihood, and kept {accepted}.
+
+| config | contents |
+|---|---|
+| `traces` | every accepted trace with its step scores and provenance |
+| `sft` | chat `messages`: the question alone, then reasoning and `\\boxed{{answer}}` |
+| `prm` | `prompt`, step `completions`, `labels` (step score >= {label_threshold}), raw `step_scores` |
+| `rejected` | source rows that could not be used, with the reason |
+
+Rejected rows: {rejected}. Filtered traces: {filtered}. Mean forward passes per trace: {mean_nfe}.
+Configs with no rows, left out of `configs` because `datasets` cannot load an empty config: {empty}.
+
+```python
+from datasets import load_dataset
+sft = load_dataset("path/to/this/dir", "sft", split="train")
+```
+
+## Spec
+
+```yaml
+{spec_yaml}```
+"""
+
+
+def dataset_card(spec: BuildSpec, manifest: dict) -> str:
+    """`datasets` cannot load a config whose files hold no rows at all, so only configs with rows are listed."""
+    listed = [name for name in CONFIGS if name not in manifest["empty_configs"]]
+    configs = [{"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}/train-*.parquet"}]} for name in listed]
+    if configs:
+        configs[0]["default"] = True
+    front = yaml.safe_dump({"configs": configs}, sort_keys=False)
+    body = CARD_BODY.format(
+        **{k: manifest[k] for k in ("model", "code_version", "spec_hash", "traces_sampled", "problems", "accepted")},
+        label_threshold=spec.scoring.label_threshold,
+        rejected=manifest["rejected"]["by_reason"] or "none",
+        filtered=manifest["filtered"]["by_reason"] or "none",
+        mean_nfe=f"{manifest['mean_nfe']:.1f}" if manifest["mean_nfe"] is not None else "n/a",
+        empty=", ".join(manifest["empty_configs"]) or "none",
+        spec_yaml=spec.to_yaml(),
+    )
+    return f"---\n{front}---\n{body}"

@@ -1,0 +1,416 @@
+"""`factory build`: read → sample+score → filter → write, composed with Ray Data.
+
+The stages are plain code, usable without Ray: `load_problems` (read), `TraceMaker` (sample k
+posterior traces per problem and score their steps), `filter_traces`, and `BuildDir` (resumable
+shard parts, then the dataset). Ray Data only moves shards of problems to a pool of actors, each
+holding one model, and streams each finished shard back to the driver, which writes it.
+
+Determinism: a problem's sampler seed derives from (spec seed, problem id) and a trace's id from
+(spec hash, problem id, sample index), so neither depends on sharding, actor count or resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+import factory
+from factory.models.adapter import LLADA_MASK_ID, ModelAdapter
+from factory.models.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
+from factory.output import BuildDir, BuildError
+from factory.sampling.sampler import CanvasSampler, Request, SampleResult, seed_for
+from factory.scoring import StepScorer, Trace, TraceScores
+from factory.sources.registry import load_problems
+from factory.template import ReasoningTemplate
+from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
+from schemas.spec import BuildSpec, FilterSpec, ModelSpec, SpecError, load_spec
+
+NUMBER = re.compile(r"-?\d[\d,]*")
+ACTOR_POOL_START_TIMEOUT_S = 1200
+
+Log = Callable[[str], None]
+
+
+def log_line(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---- identities and seeds ------------------------------------------------------------------
+
+
+def problem_seed(seed: int, problem_id: str) -> int:
+    """A problem's sampler seed: fixed by the spec seed and the problem, not by where it runs."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()[:4], "big")
+
+
+def trace_id(spec_hash: str, problem_id: str, sample_index: int) -> str:
+    return hashlib.sha256(f"{spec_hash}:{problem_id}:{sample_index}".encode()).hexdigest()[:16]
+
+
+def plan_shards(problems: list[Problem], shard_size: int) -> list[list[Problem]]:
+    return [problems[i : i + shard_size] for i in range(0, len(problems), shard_size)]
+
+
+# ---- read -----------------------------------------------------------------------------------
+
+
+def load_tokenizer(model: ModelSpec):
+    """The model's tokenizer without its weights: the driver checks rows and renders the dry run with it."""
+    from transformers import AutoTokenizer
+
+    path = EMBEDDED_MODEL_DIR if model.id in ("embedded", EMBEDDED_MODEL_ID) else model.id
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    if tokenizer.mask_token_id is None and model.kind == "llada":  # as ModelAdapter.load does
+        tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(LLADA_MASK_ID)})
+    return tokenizer
+
+
+def driver_template(spec: BuildSpec) -> ReasoningTemplate:
+    return ReasoningTemplate(load_tokenizer(spec.model), spec.template.to_config())
+
+
+# ---- sample + score ---------------------------------------------------------------------------
+
+
+class TraceMaker:
+    """Samples k posterior traces per problem and scores their steps; holds one model."""
+
+    def __init__(self, spec: BuildSpec, adapter: ModelAdapter | None = None):
+        self.spec, self.spec_hash = spec, spec.spec_hash()
+        m = spec.model
+        self.adapter = adapter or ModelAdapter.load(m.id, m.kind, m.revision, m.trust_remote_code)
+        self.template = ReasoningTemplate(self.adapter.tokenizer, spec.template.to_config())
+        self.sampler = CanvasSampler(self.adapter, self.template, spec.sampler.to_config())
+        self.scorer = StepScorer(self.adapter, self.template, spec.scoring.estimator, spec.scoring.batch_size)
+        self.timings = {"sample_s": 0.0, "score_s": 0.0}
+
+    def requests(self, problems: list[Problem]) -> list[Request]:
+        """k answer-clamped canvases per problem, each seeded from (spec seed, problem id, sample index)."""
+        requests = []
+        for i, p in enumerate(problems):
+            question, answer = self.template.encode_question(p.question), self.template.encode_answer(p.gold_answer)
+            base = problem_seed(self.spec.seed, p.problem_id)
+            requests += [Request(question, answer, seed_for(base, 0, j), (i, j)) for j in range(self.spec.sampler.k)]
+        return requests
+
+    def __call__(self, problems: list[Problem]) -> list[TraceRow]:
+        requests = self.requests(problems)
+        t0 = time.perf_counter()
+        samples = self.sampler.run(requests)
+        t1 = time.perf_counter()
+        traces = [Trace(r.question_ids, s.reasoning_ids, r.answer_ids) for r, s in zip(requests, samples)]
+        scores = self.scorer.score(traces, self_consistency=self.spec.scoring.self_consistency)
+        self.timings["sample_s"] += t1 - t0
+        self.timings["score_s"] += time.perf_counter() - t1
+        return [self.trace_row(problems[r.key[0]], r.key[1], s, sc) for r, s, sc in zip(requests, samples, scores)]
+
+    def trace_row(self, problem: Problem, sample_index: int, sample: SampleResult, scores: TraceScores) -> TraceRow:
+        tpl = self.template
+        return TraceRow(
+            **problem.model_dump(),
+            trace_id=trace_id(self.spec_hash, problem.problem_id, sample_index),
+            sample_index=sample_index,
+            reasoning=tpl.decode(sample.reasoning_ids),
+            steps=tpl.split_steps(sample.reasoning_ids),
+            answer=tpl.parse_answer(sample.answer_ids),
+            nfe=sample.nfe,
+            exited_early=sample.exited_early,
+            step_scores=scores.step_scores,
+            prefix_logp=scores.prefix_logp,
+            self_consistency=scores.self_consistency,
+            final_score=scores.final_score,
+            min_step_score=scores.min_step_score,
+            scoring_passes=scores.forward_passes,
+            model_id=self.adapter.model_id,
+            model_revision=self.adapter.revision,
+            sampler=self.spec.sampler.model_dump_json(),
+            scorer=self.spec.scoring.model_dump_json(),
+            seed=problem_seed(self.spec.seed, problem.problem_id),
+            code_version=factory.__version__,
+            spec_hash=self.spec_hash,
+        )
+
+
+# ---- filter ---------------------------------------------------------------------------------
+
+
+def final_number(steps: list[str]) -> int | None:
+    """The last number written in the last step (its result), or None."""
+    numbers = NUMBER.findall(steps[-1]) if steps else []
+    return int(numbers[-1].replace(",", "")) if numbers else None
+
+
+def drop_reason(trace: TraceRow, filters: FilterSpec, seen: set[tuple[str, str]]) -> str | None:
+    """Why a trace is dropped (the first filter it fails), or None to keep it."""
+    if len(trace.steps) < filters.min_steps:
+        return "too_few_steps"
+    if filters.max_steps is not None and len(trace.steps) > filters.max_steps:
+        return "too_many_steps"
+    if filters.answer_match and final_number(trace.steps) != int(trace.gold_answer):
+        return "wrong_answer"
+    if filters.min_step_score is not None and trace.min_step_score < filters.min_step_score:
+        return "low_step_score"
+    if filters.dedupe and (trace.problem_id, trace.reasoning) in seen:
+        return "duplicate"
+    return None
+
+
+def filter_traces(traces: list[TraceRow], filters: FilterSpec) -> tuple[list[TraceRow], Counter]:
+    kept, dropped, seen = [], Counter(), set()
+    for trace in traces:
+        reason = drop_reason(trace, filters, seen)
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept.append(trace)
+            seen.add((trace.problem_id, trace.reasoning))
+    return kept, dropped
+
+
+# ---- one shard: sample + score + filter ------------------------------------------------------
+
+
+def worker_info(device: str) -> WorkerInfo:
+    import ray
+
+    gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray.is_initialized() else []
+    return WorkerInfo(
+        actor=f"{socket.gethostname()}:{os.getpid()}",
+        device=device,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        gpu_ids=[str(g) for g in gpu_ids],
+    )
+
+
+def process_shard(maker: TraceMaker, shard: int, problems: list[Problem]) -> ShardResult:
+    before = dict(maker.timings)
+    traces = maker(problems)
+    kept, dropped = filter_traces(traces, maker.spec.filters)
+    return ShardResult(
+        shard=shard,
+        problems=len(problems),
+        sampled=len(traces),
+        accepted=len(kept),
+        filtered=dict(dropped),
+        nfe_sum=sum(t.nfe for t in traces),
+        step_score_sum=sum(sum(t.step_scores) for t in traces),
+        step_count=sum(len(t.step_scores) for t in traces),
+        sample_s=maker.timings["sample_s"] - before["sample_s"],
+        score_s=maker.timings["score_s"] - before["score_s"],
+        worker=worker_info(str(maker.adapter.device)),
+        traces=kept,
+    )
+
+
+class ShardWorker:
+    """Ray Data callable class: one model load per actor, then one shard per row of each batch.
+    On a node with logical GPUs but no CUDA the model runs on CPU while the actor holds its GPU."""
+
+    def __init__(self, spec_json: str):
+        self.maker = TraceMaker(BuildSpec.model_validate_json(spec_json))
+
+    def __call__(self, batch: dict) -> dict:
+        results = []
+        for shard, problems_json in zip(batch["shard"], batch["problems"]):
+            problems = [Problem.model_validate(p) for p in json.loads(problems_json)]
+            results.append(process_shard(self.maker, int(shard), problems).model_dump_json())
+        return {"result": results}
+
+
+# ---- Ray ------------------------------------------------------------------------------------
+
+
+def connect_ray(address: str | None = None) -> bool:
+    """Join the cluster at `address` or $RAY_ADDRESS, else start a local one. True if this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = {"include_dashboard": False} if address == "local" else {}
+    ray.init(address=address, log_to_driver=False, **local)
+    return True
+
+
+def run_on_ray(spec: BuildSpec, shards: list[tuple[int, list[Problem]]]) -> Iterator[ShardResult]:
+    """Shard results in the order they finish."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the build prints its own progress lines
+    # Start work only when the whole actor pool is up, so shards spread over every model replica;
+    # a cluster that cannot place the pool (even after autoscaling) fails with a clear timeout.
+    context.wait_for_min_actors_s = ACTOR_POOL_START_TIMEOUT_S
+    items = [{"shard": i, "problems": json.dumps([p.model_dump() for p in problems])} for i, problems in shards]
+    res = spec.resources
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardWorker,
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json()},
+        batch_size=res.batch_size,
+        batch_format="numpy",
+        # One shard in flight per actor, so shards spread over the pool instead of queueing on the first actor up.
+        compute=ray.data.ActorPoolStrategy(size=min(res.num_actors, len(shards)), max_tasks_in_flight_per_actor=1),
+        num_gpus=res.num_gpus_per_actor,
+        num_cpus=res.num_cpus_per_actor,
+    )
+    for row in dataset.iter_rows():
+        yield ShardResult.model_validate_json(row["result"])
+
+
+class Progress:
+    def __init__(self, total_problems: int, log: Log):
+        self.total, self.log = total_problems, log
+        self.done = self.traces = self.accepted = 0
+        self.started = time.perf_counter()
+
+    def update(self, result: ShardResult) -> None:
+        self.done += result.problems
+        self.traces += result.sampled
+        self.accepted += result.accepted
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        self.log(
+            f"[build] shard {result.shard}: {self.done}/{self.total} problems, {self.traces} traces "
+            f"({self.accepted} accepted), {self.traces / elapsed:.2f} traces/s, ETA {eta:.0f}s"
+        )
+
+
+# ---- the build ------------------------------------------------------------------------------
+
+
+def build(spec: BuildSpec, address: str | None = None, log: Log = log_line) -> dict:
+    """Run (or resume) the build the spec describes; returns the manifest."""
+    out = BuildDir(spec.output.dir)
+    out.claim(spec)
+    problems, rejected = load_problems(spec.source, driver_template(spec), spec.limit)
+    shards = plan_shards(problems, spec.output.shard_size)
+    done = out.done_shards()
+    todo = [(i, shard) for i, shard in enumerate(shards) if i not in done]
+    log(f"[build] {len(problems)} problems ({len(rejected)} rows rejected) in {len(shards)} shards; {len(shards) - len(todo)} already done")
+    if todo:
+        started_ray = connect_ray(address)
+        try:
+            progress = Progress(sum(len(s) for _, s in todo), log)
+            for result in run_on_ray(spec, todo):
+                out.write_shard(result)
+                progress.update(result)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    manifest = out.assemble(spec, len(shards), rejected)
+    log(summary_line(manifest, out.root))
+    return manifest
+
+
+def summary_line(manifest: dict, root: Path) -> str:
+    def mean(key: str) -> str:
+        return f"{manifest[key]:.3f}" if manifest[key] is not None else "n/a"
+
+    return (
+        f"[build] done: {manifest['problems']} problems, {manifest['traces_sampled']} traces sampled, "
+        f"{manifest['accepted']} accepted, {manifest['rejected']['total']} rows rejected {manifest['rejected']['by_reason']}, "
+        f"{manifest['filtered']['total']} traces filtered {manifest['filtered']['by_reason']}; "
+        f"mean NFE {mean('mean_nfe')}, mean step score {mean('mean_step_score')} -> {root}"
+    )
+
+
+def dry_run(spec: BuildSpec) -> str:
+    """The resolved spec and the first problem's filled canvas, decoded: what would be built, computing nothing."""
+    template = driver_template(spec)
+    problems, rejected = load_problems(spec.source, template, spec.limit)
+    lines = [f"# spec {spec.spec_hash()}", spec.to_yaml(), f"# {len(problems)} usable problems, {len(rejected)} rows rejected"]
+    if problems:
+        first = problems[0]
+        canvas = template.canvas(template.encode_question(first.question), None, template.encode_answer(first.gold_answer))
+        lines += [f"# first canvas ({len(canvas)} tokens, reasoning masked, gold answer clamped):", template.tokenizer.decode(canvas)]
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def spec_from_args(args: argparse.Namespace) -> BuildSpec:
+    try:
+        return load_spec(args.spec).with_overrides(output_dir=args.output, limit=args.limit)
+    except SpecError as err:
+        sys.exit(str(err))
+
+
+def cli_build(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="factory build", description="Build a scored, filtered reasoning dataset from a spec.")
+    ap.add_argument("spec", nargs="?", help="build spec YAML (default: the shipped factory/specs/default.yaml)")
+    ap.add_argument("--output", help="output directory (overrides output.dir)")
+    ap.add_argument("--limit", type=int, help="use at most N problems (overrides limit)")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved spec and the first filled canvas; run nothing")
+    ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    args = ap.parse_args(argv)
+    spec = spec_from_args(args)
+    if args.dry_run:
+        print(dry_run(spec))
+        return
+    try:
+        build(spec, args.address)
+    except BuildError as err:
+        sys.exit(f"factory build: {err}")
+
+
+def cli_bench(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(
+        prog="factory bench pipeline", description="Ray pipeline traces/s against the in-process sampler on the same problems."
+    )
+    ap.add_argument("spec", nargs="?", help="build spec YAML (default: the shipped one)")
+    ap.add_argument("--limit", type=int, default=16, help="problems to run (default 16)")
+    ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--json", type=Path, help="write the report here too")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="factory-bench-") as tmp:
+        args.output = tmp
+        report = bench_pipeline(spec_from_args(args), args.address)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
+    """Traces/s of the whole Ray build (actor start, sampling, scoring, writing) over traces/s of the
+    bare in-process sampler on the same shards, model already loaded."""
+    problems, _ = load_problems(spec.source, driver_template(spec), spec.limit)
+    maker = TraceMaker(spec)
+    t0 = time.perf_counter()
+    traces = sum(len(maker.sampler.run(maker.requests(shard))) for shard in plan_shards(problems, spec.output.shard_size))
+    in_process_s = time.perf_counter() - t0
+    started_ray = connect_ray(address)
+    try:
+        t0 = time.perf_counter()
+        manifest = build(spec, log=lambda _: None)
+        pipeline_s = time.perf_counter() - t0
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    in_process, pipeline = traces / in_process_s, manifest["traces_sampled"] / pipeline_s
+    return {
+        "problems": len(problems),
+        "traces": traces,
+        "num_actors": spec.resources.num_actors,
+        "in_process": {"seconds": round(in_process_s, 3), "traces_per_s": round(in_process, 3), "torch_threads": torch.get_num_threads()},
+        "pipeline": {"seconds": round(pipeline_s, 3), "traces_per_s": round(pipeline, 3)},
+        "ratio": round(pipeline / in_process, 3),
+    }

@@ -1,0 +1,152 @@
+"""Every problem source behind one call: rows in, usable problems and rejected rows out.
+
+A row the factory cannot use (no answer, a non-integer answer, an empty or overlong question,
+text the tokenizer cannot encode, a duplicate) becomes a `Rejected` record with a short reason:
+nothing crashes the build and nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from factory.sources import synthetic
+from factory.template import ReasoningTemplate, TemplateError
+from schemas.records import Problem, Rejected
+from schemas.spec import Columns, HFSource, LocalSource, SourceSpec, SyntheticSource
+
+GSM8K_ANSWER_MARK = "####"
+CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
+
+
+class RowError(ValueError):
+    """A row that cannot become a problem; `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# ---- reading rows -------------------------------------------------------------------------
+
+
+def synthetic_rows(source: SyntheticSource) -> Iterator[dict]:
+    for p in synthetic.generate(source.n, source.seed, source.to_config()):
+        yield p.to_record().model_dump()
+
+
+def hf_rows(source: HFSource) -> Iterator[dict]:
+    import datasets  # heavy; only this source needs it
+
+    yield from datasets.load_dataset(source.path, source.name, split=source.split)
+
+
+def local_rows(source: LocalSource) -> Iterator[Any]:
+    """Rows of a JSONL or Parquet file. A JSONL line that is not JSON comes back as its text, to be rejected."""
+    path = Path(source.path)
+    fmt = source.format or ("parquet" if path.suffix == ".parquet" else "jsonl")
+    if fmt == "parquet":
+        yield from pq.read_table(path).to_pylist()
+        return
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield line
+
+
+# ---- rows to problems ---------------------------------------------------------------------
+
+
+def source_name(source: SourceSpec) -> str:
+    if isinstance(source, HFSource):
+        return f"hf:{source.path}{'/' + source.name if source.name else ''}:{source.split}"
+    if isinstance(source, LocalSource):
+        return f"local:{Path(source.path).name}"
+    return synthetic.SOURCE_NAME
+
+
+def gsm8k_answer(text: str) -> tuple[str, list[str]]:
+    """GSM8k's answer field: human reasoning, then '#### 1,234'. Returns the answer without commas
+    and the reasoning lines with the <<48/2=24>> calculator annotations stripped."""
+    if GSM8K_ANSWER_MARK not in text:
+        raise RowError("missing_answer", f"no {GSM8K_ANSWER_MARK!r} before the final answer")
+    reasoning, _, final = text.rpartition(GSM8K_ANSWER_MARK)
+    steps = [line.strip() for line in CALCULATOR_ANNOTATION.sub("", reasoning).splitlines() if line.strip()]
+    return final.strip().replace(",", ""), steps
+
+
+def column_steps(value: Any) -> list[str]:
+    if value is None:
+        return []
+    lines = value.splitlines() if isinstance(value, str) else [str(v) for v in value]
+    return [line.strip() for line in lines if line.strip()]
+
+
+def table_problem(row: Any, columns: Columns, answer_format: str, name: str) -> Problem:
+    """A problem from one row of a table source (Hugging Face or local)."""
+    if not isinstance(row, dict):
+        raise RowError("invalid_row", "not a JSON object")
+    question, answer = row.get(columns.question), row.get(columns.answer)
+    if not isinstance(question, str):
+        raise RowError("missing_question", f"column {columns.question!r} is missing or not text")
+    if answer is None or str(answer).strip() == "":
+        raise RowError("missing_answer", f"column {columns.answer!r} is missing or empty")
+    if answer_format == "gsm8k":
+        gold, steps = gsm8k_answer(str(answer))
+    else:
+        gold, steps = str(answer).strip().replace(",", ""), []
+    if columns.steps is not None:
+        steps = column_steps(row.get(columns.steps))
+    question = question.strip()
+    return Problem(
+        problem_id=synthetic.problem_id(question, gold),
+        source=name,
+        question=question,
+        gold_answer=gold,
+        gold_steps=steps,
+        num_steps=len(steps),
+    )
+
+
+def to_problem(row: Any, source: SourceSpec, name: str) -> Problem:
+    if isinstance(source, SyntheticSource):
+        return Problem.model_validate(row)
+    return table_problem(row, source.columns, source.answer_format, name)
+
+
+READERS: dict[str, Callable[[Any], Iterator[Any]]] = {"synthetic": synthetic_rows, "hf": hf_rows, "local": local_rows}
+
+
+def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | None = None) -> tuple[list[Problem], list[Rejected]]:
+    """Usable problems in source order (at most `limit`) and every row rejected on the way, with its reason.
+    A problem is usable when its question and answer fit `template` and it is not a repeat."""
+    name = source_name(source)
+    problems: list[Problem] = []
+    rejected: list[Rejected] = []
+    first_row: dict[str, int] = {}
+    for index, row in enumerate(READERS[source.kind](source)):
+        if limit is not None and len(problems) >= limit:
+            break
+        problem = None
+        try:
+            problem = to_problem(row, source, name)
+            template.encode_question(problem.question)
+            template.encode_answer(problem.gold_answer)
+            if problem.problem_id in first_row:
+                raise RowError("duplicate_problem", f"same question and answer as row {first_row[problem.problem_id]}")
+        except (RowError, TemplateError) as err:
+            detail = err.detail if isinstance(err, RowError) else str(err)
+            raw = json.dumps(row, default=str, ensure_ascii=False)
+            problem_id = problem.problem_id if problem else None
+            rejected.append(Rejected(problem_id=problem_id, source=name, row=index, raw=raw, reason=err.reason, detail=detail))
+            continue
+        first_row[problem.problem_id] = index
+        problems.append(problem)
+    return problems, rejected

@@ -1,0 +1,100 @@
+"""The adapter over custom-code diffusion models, proven on tiny models the test writes itself."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from factory.models.adapter import ModelAdapter, RemoteCodeRefused
+from factory.sampling.sampler import CanvasSampler, SamplerConfig
+from factory.template import ReasoningTemplate
+
+MODELING = textwrap.dedent(
+    '''
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import MaskedLMOutput
+
+
+    class CopyConfig(PretrainedConfig):
+        model_type = "{model_type}"
+
+        def __init__(self, vocab_size=8, shift=False, **kwargs):
+            super().__init__(**kwargs)
+            self.vocab_size, self.shift = vocab_size, shift
+
+
+    class CopyModel(PreTrainedModel):
+        """Predicts each position's own token (LLaDA-style) or the next one (Dream-style, shifted)."""
+
+        config_class = CopyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.scale = torch.nn.Parameter(torch.tensor(10.0))
+            self.post_init()
+
+        def _init_weights(self, module):
+            pass
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            target = torch.roll(input_ids, -1, dims=1) if self.config.shift else input_ids
+            logits = torch.nn.functional.one_hot(target, self.config.vocab_size).float() * self.scale
+            return MaskedLMOutput(logits=logits)
+    '''
+)
+
+
+def write_copy_model(tmp_path, tokenizer, model_type, shift):
+    import importlib.util
+
+    (tmp_path / "modeling_copy.py").write_text(MODELING.format(model_type=model_type))
+    spec = importlib.util.spec_from_file_location(f"modeling_copy_{model_type}", tmp_path / "modeling_copy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.CopyModel(module.CopyConfig(vocab_size=len(tokenizer), shift=shift)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_copy.CopyConfig", "AutoModel": "modeling_copy.CopyModel"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("model_type,shift,kind", [("tiny-llada", False, "llada"), ("tiny-dream", True, "dream")])
+def test_custom_code_models_load_with_aligned_logits(tmp_path, tokenizer, model_type, shift, kind):
+    path = write_copy_model(tmp_path, tokenizer, model_type, shift)
+    adapter = ModelAdapter.load(path, trust_remote_code=True, revision="0123abc", device="cpu")
+    assert adapter.kind == kind and adapter.mask_id == tokenizer.mask_token_id
+    ids = torch.tensor([[5, 9, 11, 7, 3]])
+    predicted = adapter.logits(ids, torch.ones_like(ids)).argmax(-1)
+    # after alignment, position i predicts token i for both (Dream's first position has no source)
+    assert predicted[0, 1:].tolist() == ids[0, 1:].tolist()
+    # and the sampler runs on top of it unchanged
+    template = ReasoningTemplate(adapter.tokenizer)
+    result = CanvasSampler(adapter, template, SamplerConfig(rule="left_to_right")).generate(["Tom has 5 apples."])[0]
+    assert result.nfe == template.config.reasoning_slots + template.config.answer_slots
+
+
+def test_remote_code_is_refused_unless_allowed_and_pinned(tmp_path, tokenizer):
+    path = write_copy_model(tmp_path, tokenizer, "tiny-llada", False)
+    with pytest.raises(RemoteCodeRefused, match="trust_remote_code"):
+        ModelAdapter.load(path)
+    with pytest.raises(RemoteCodeRefused, match="pinned revision"):
+        ModelAdapter.load(path, trust_remote_code=True)
+
+
+def test_embedded_model_loads_with_auto_classes_and_no_remote_code():
+    from transformers import AutoModelForMaskedLM
+
+    from factory.models.embedded import EMBEDDED_MODEL_DIR
+
+    assert (EMBEDDED_MODEL_DIR / "model.safetensors").exists() and not list(EMBEDDED_MODEL_DIR.glob("*.py"))
+    model = AutoModelForMaskedLM.from_pretrained(EMBEDDED_MODEL_DIR)
+    assert sum(p.numel() for p in model.parameters()) < 25e6 / 4
+    assert ModelAdapter.load("embedded", device="cpu").kind == "masked_lm"
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="not one of"):
+        ModelAdapter.load("embedded", kind="gpt")

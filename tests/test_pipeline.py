@@ -1,0 +1,326 @@
+"""`factory build`: spec validation, sources, stages without Ray, and end-to-end builds with Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from factory.output import BuildDir, BuildError
+from factory.pipeline import TraceMaker, build, cli_build, filter_traces, final_number, plan_shards, problem_seed, process_shard
+from factory.sources import synthetic
+from factory.sources.registry import load_problems
+from schemas.arrow import arrow_schema, from_table, to_table
+from schemas.records import Problem, SFTRow, TraceRow
+from schemas.spec import FilterSpec, SpecError, load_spec, validate_spec
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_spec(out: Path, **sections) -> dict:
+    """A spec dict for a few problems that keeps every trace the arbitrary tiny model writes."""
+    spec = {
+        "source": {"kind": "synthetic", "n": 4},
+        "sampler": {"k": 2, "rule": "med_prefix", "rule_params": {"lam": 0.3}, "temperature": 0.7},
+        "filters": {"answer_match": False, "min_steps": 0},
+        "output": {"dir": str(out), "shard_size": 2},
+    }
+    return {**spec, **sections}
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# ---- spec ------------------------------------------------------------------------------------
+
+
+def spec_error(data) -> str:
+    with pytest.raises(SpecError) as err:
+        validate_spec(data)
+    return str(err.value)
+
+
+def test_spec_errors_name_the_key_and_the_allowed_values():
+    message = spec_error({"sampler": {"rule": "medd"}})
+    assert "sampler.rule" in message and "'med_prefix'" in message and "'eb'" in message and "'medd'" in message
+    message = spec_error({"sampler": {"temprature": 0.7}})
+    assert "sampler.temprature: unknown key" in message and "temperature" in message
+    assert "bogus: unknown key; allowed keys: seed, limit, source" in spec_error({"bogus": 1})
+    assert "expected tags: 'synthetic', 'hf', 'local'" in spec_error({"source": {"kind": "s3"}})
+    assert "source.pathh: unknown key" in spec_error({"source": {"kind": "local", "path": "x.jsonl", "pathh": 1}})
+    assert "'marginal' or 'chain'" in spec_error({"scoring": {"estimator": "rollout"}})
+    assert "parameters: ['lam', 'max_per_step']" in spec_error({"sampler": {"rule": "med_prefix", "rule_params": {"gamma": 1}}})
+    assert "pinned revision" in spec_error({"model": {"id": "GSAI-ML/LLaDA-8B-Base", "trust_remote_code": True}})
+    assert "min_steps <= max_steps" in spec_error({"source": {"min_steps": 4, "max_steps": 2}})
+
+
+def test_spec_file_errors_name_the_file(tmp_path):
+    path = write_spec(tmp_path / "bad.yaml", {"filters": {"min_stepz": 1}})
+    with pytest.raises(SpecError, match=r"bad.yaml: invalid build spec\n  - filters.min_stepz: unknown key"):
+        load_spec(path)
+    with pytest.raises(SystemExit, match="filters.min_stepz"):
+        cli_build([str(path), "--dry-run"])
+
+
+def test_default_spec_and_hash():
+    spec = load_spec()
+    assert spec.model.id == "embedded" and spec.source.kind == "synthetic" and spec.source.n == 48
+    assert (spec.source.min_steps, spec.source.max_steps) == (2, 4)
+    assert spec.sampler.k == 2 and spec.sampler.rule == "med_prefix" and spec.sampler.rule_params == {"lam": 0.3}
+    assert spec.sampler.temperature == 0.7 and spec.scoring.estimator == "marginal" and spec.scoring.self_consistency
+    # Where the output goes and how many workers run do not change the data, so not the hash either.
+    assert spec.with_overrides(output_dir="elsewhere").spec_hash() == spec.spec_hash()
+    assert validate_spec({**spec.model_dump(), "resources": {"num_actors": 4}}).spec_hash() == spec.spec_hash()
+    assert validate_spec({**spec.model_dump(), "seed": 1}).spec_hash() != spec.spec_hash()
+    assert spec.with_overrides(limit=3).limit == 3
+
+
+def test_dry_run_prints_spec_and_first_canvas(capsys, tmp_path):
+    cli_build([str(write_spec(tmp_path / "s.yaml", small_spec(tmp_path / "out"))), "--dry-run"])
+    printed = capsys.readouterr().out
+    assert "sampler:" in printed and "rule: med_prefix" in printed
+    assert "[MASK] [MASK]" in printed and "The answer is \\boxed{" in printed and "How many" in printed
+    assert not (tmp_path / "out").exists()
+
+
+# ---- records and Arrow -----------------------------------------------------------------------
+
+
+def test_arrow_schema_is_derived_from_the_records():
+    schema = arrow_schema(TraceRow)
+    assert schema.names == list(TraceRow.model_fields)
+    assert schema.field("steps").type == pa.list_(pa.field("item", pa.string(), nullable=False))
+    assert schema.field("answer").nullable and not schema.field("nfe").nullable
+    assert schema.field("nfe").type == pa.int64() and schema.field("final_score").type == pa.float64()
+    assert pa.types.is_struct(arrow_schema(SFTRow).field("messages").type.value_type)
+    assert from_table(to_table([trace()], TraceRow), TraceRow) == [trace()]
+
+
+# ---- sources ---------------------------------------------------------------------------------
+
+GOOD = "Tom has 5 apples. He buys 3 more apples. How many apples does Tom have now?"
+
+
+def test_local_jsonl_rows_become_problems_or_rejections(tmp_path, template):
+    rows = [
+        json.dumps({"question": GOOD, "answer": "8"}),
+        json.dumps({"question": GOOD.replace("5", "6"), "answer": "1,009"}),
+        json.dumps({"question": GOOD}),
+        json.dumps({"question": GOOD.replace("3", "4"), "answer": "eight"}),
+        json.dumps({"question": "   ", "answer": "1"}),
+        json.dumps({"question": "Tom has 5 zorblax. How many zorblax?", "answer": "5"}),
+        json.dumps({"question": GOOD * 10, "answer": "8"}),
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps({"question": GOOD, "answer": 8}),
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    source = validate_spec({"source": {"kind": "local", "path": str(path)}}).source
+    problems, rejected = load_problems(source, template)
+    assert [p.gold_answer for p in problems] == ["8", "1009"]
+    assert [(r.row, r.reason) for r in rejected] == [
+        (2, "missing_answer"),
+        (3, "non_numeric_answer"),
+        (4, "empty_question"),
+        (5, "unknown_tokens"),
+        (6, "question_too_long"),
+        (7, "invalid_row"),
+        (8, "invalid_row"),
+        (9, "duplicate_problem"),
+    ]
+    assert "zorblax" in rejected[3].detail and rejected[5].raw == '"{not json"'
+    assert len(problems) + len(rejected) == len(rows)  # nothing dropped silently
+    assert load_problems(source, template, limit=1)[0] == problems[:1]
+
+
+def test_local_parquet_with_a_column_mapping(tmp_path, template):
+    table = pa.table({"q": [GOOD, GOOD.replace("5", "7")], "a": [8, None], "s": [["5 + 3 = 8"], None]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    spec = {"source": {"kind": "local", "path": str(tmp_path / "rows.parquet"), "columns": {"question": "q", "answer": "a", "steps": "s"}}}
+    problems, rejected = load_problems(validate_spec(spec).source, template)
+    assert [(p.gold_answer, p.gold_steps, p.source) for p in problems] == [("8", ["5 + 3 = 8"], "local:rows.parquet")]
+    assert [r.reason for r in rejected] == ["missing_answer"]
+
+
+def test_hf_source_reads_gsm8k_format(tmp_path, template):
+    rows = [
+        {"question": GOOD, "answer": "He buys 3 more: 5 + 3 = <<5+3=8>>8 apples.\nSo he has 8.\n#### 8"},
+        {"question": GOOD.replace("3", "995"), "answer": "5 + 995 = <<5+995=1000>>1000\n#### 1,000"},
+        {"question": GOOD.replace("5", "9"), "answer": "the answer is 12"},
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = validate_spec({"source": {"kind": "hf", "path": str(tmp_path), "split": "train"}}).source
+    problems, rejected = load_problems(source, template)
+    assert [p.gold_answer for p in problems] == ["8", "1000"]
+    assert problems[0].gold_steps == ["He buys 3 more: 5 + 3 = 8 apples.", "So he has 8."]
+    assert problems[0].problem_id == synthetic.problem_id(GOOD, "8")
+    assert [(r.row, r.reason) for r in rejected] == [(2, "missing_answer")]
+
+
+# ---- stages without Ray ----------------------------------------------------------------------
+
+
+def trace(problem_id="p", steps=("1 + 1 = 2",), gold="2", scores=(0.0,), reasoning=None) -> TraceRow:
+    problem = Problem(problem_id=problem_id, source="t", question="q", gold_answer=gold)
+    fields = dict(trace_id="t", sample_index=0, nfe=1, exited_early=False, final_score=0.0, scoring_passes=1.0)
+    provenance = dict(model_id="m", model_revision=None, sampler="{}", scorer="{}", seed=0, code_version="0", spec_hash="h")
+    return TraceRow(
+        **problem.model_dump(),
+        **fields,
+        **provenance,
+        reasoning=reasoning or "\n".join(steps),
+        steps=list(steps),
+        answer=gold,
+        step_scores=list(scores),
+        prefix_logp=[0.0] * (len(scores) + 1),
+        self_consistency=list(scores),
+        min_step_score=min(scores, default=0.0),
+    )
+
+
+def test_filters_count_every_drop_by_reason():
+    assert final_number(["3 * 4 = 12"]) == 12 and final_number(["so 1,000 left"]) == 1000 and final_number(["x = -5"]) == -5
+    assert final_number([]) is None and final_number(["no number"]) is None
+    traces = [
+        trace(),
+        trace(),  # same reasoning for the same problem
+        trace(problem_id="q"),  # same reasoning, another problem: kept
+        trace(steps=("1 + 1 = 3",)),
+        trace(steps=()),
+        trace(steps=("1 = 1", "1 = 1", "1 + 1 = 2"), scores=(0.0, 0.0, 0.0)),
+        trace(steps=("2 = 2", "1 + 1 = 2"), scores=(-5.0, 0.0)),
+    ]
+    kept, dropped = filter_traces(traces, FilterSpec(min_step_score=-2.0, max_steps=2))
+    assert len(kept) == 2 and [t.problem_id for t in kept] == ["p", "q"]
+    assert dropped == {"duplicate": 1, "wrong_answer": 1, "too_few_steps": 1, "too_many_steps": 1, "low_step_score": 1}
+    assert len(kept) + sum(dropped.values()) == len(traces)
+
+
+def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny_adapter, template):
+    spec = validate_spec(small_spec(tmp_path / "out", source={"kind": "synthetic", "n": 3}))
+    problems, rejected = load_problems(spec.source, template)
+    maker = TraceMaker(spec, adapter=tiny_adapter)
+    together = maker(problems)
+    alone = maker(problems[2:]) + maker(problems[:2])
+    assert {t.trace_id: t.reasoning for t in together} == {t.trace_id: t.reasoning for t in alone}
+    assert len({t.trace_id for t in together}) == len(problems) * spec.sampler.k
+    first = together[0]
+    assert first.seed == problem_seed(spec.seed, first.problem_id) and first.spec_hash == spec.spec_hash()
+    assert json.loads(first.sampler)["rule"] == "med_prefix" and first.model_id == "tiny-random"
+    assert len(first.step_scores) == len(first.steps) and len(first.prefix_logp) == len(first.steps) + 1
+
+    out = BuildDir(spec.output.dir)
+    out.claim(spec)
+    shards = plan_shards(problems, spec.output.shard_size)
+    for index, shard in enumerate(shards):
+        out.write_shard(process_shard(maker, index, shard))
+    assert out.done_shards() == {0, 1}
+    manifest = out.assemble(spec, len(shards), rejected)
+    assert manifest["problems"] == 3 and manifest["traces_sampled"] == 6 and manifest["accepted"] == 6
+    assert manifest["empty_configs"] == ["rejected"]
+    traces = [row for name in manifest["files"]["traces"] for row in from_table(pq.read_table(out.root / name), TraceRow)]
+    assert {t.trace_id for t in traces} == {t.trace_id for t in together}
+    sft = pq.read_table(out.root / manifest["files"]["sft"][0]).to_pylist()[0]
+    user, assistant = sft["messages"]
+    gold = traces[0].gold_answer
+    assert user == {"role": "user", "content": traces[0].question}
+    assert assistant["content"].endswith(f"\nThe answer is \\boxed{{{gold}}}.")
+    prm = pq.read_table(out.root / manifest["files"]["prm"][0]).to_pylist()[0]
+    assert prm["completions"] == traces[0].steps and len(prm["labels"]) == len(prm["step_scores"])
+
+
+def test_an_output_dir_is_resumed_only_by_its_own_spec(tmp_path):
+    spec = validate_spec(small_spec(tmp_path / "out"))
+    BuildDir(tmp_path / "out").claim(spec)
+    BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "resources": {"num_actors": 2}}))
+    with pytest.raises(BuildError, match="spec_hash"):
+        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "seed": 5}))
+    with pytest.raises(BuildError, match="shard_size"):
+        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "output": {**spec.output.model_dump(), "shard_size": 3}}))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="holds no factory build"):
+        BuildDir(tmp_path / "other").claim(spec)
+
+
+# ---- with Ray --------------------------------------------------------------------------------
+
+
+def e2e_spec(root: Path, model_dir: Path) -> Path:
+    """Six good problems and two bad rows in a local file, the tiny model, three shards of two."""
+    rows = [{"question": p.question, "answer": str(p.answer)} for p in synthetic.generate(6, seed=3)]
+    rows += [{"question": GOOD, "answer": "eight"}, {"question": "", "answer": "1"}]
+    (root / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = small_spec(root / "out", source={"kind": "local", "path": str(root / "problems.jsonl")}, model={"id": str(model_dir)})
+    return write_spec(root / "spec.yaml", spec)
+
+
+def load_config(out: Path, name: str) -> list[dict]:
+    return datasets.load_dataset(str(out), name, split="train").to_list()
+
+
+@pytest.fixture(scope="module")
+def straight_build(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("straight")
+    spec_path = e2e_spec(root, tiny_model_dir)
+    manifest = build(load_spec(spec_path))
+    return spec_path, root / "out", manifest
+
+
+@pytest.mark.slow
+def test_build_with_ray_writes_a_loadable_dataset(straight_build):
+    _, out, manifest = straight_build
+    assert manifest["problems"] == 6 and manifest["shards"] == 3 and manifest["traces_sampled"] == 12
+    assert manifest["accepted"] + manifest["filtered"]["total"] == 12
+    assert manifest["rejected"] == {"total": 2, "by_reason": {"empty_question": 1, "non_numeric_answer": 1}}
+    assert manifest["mean_nfe"] > 0 and json.loads((out / "manifest.json").read_text()) == manifest
+    traces, sft, prm = (load_config(out, name) for name in ("traces", "sft", "prm"))
+    assert len(traces) == len(sft) == len(prm) == manifest["accepted"] > 0
+    assert len({t["trace_id"] for t in traces}) == len(traces)
+    questions = {t["trace_id"]: t["question"] for t in traces}
+    for row in sft:
+        user, assistant = row["messages"]
+        assert user["content"] == questions[row["trace_id"]] and "boxed" not in user["content"]
+    assert [r["reason"] for r in load_config(out, "rejected")] == ["non_numeric_answer", "empty_question"]
+    assert sorted(p.name for p in (out / "data" / "traces").iterdir()) == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+
+
+@pytest.mark.slow
+def test_a_build_killed_with_sigkill_resumes_to_the_same_traces(straight_build, tmp_path, own_sessions):
+    spec_path, reference, _ = straight_build
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "factory.cli", "build", str(spec_path), "--output", str(out)]
+    first = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    own_sessions(first.pid)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("_build/shards/*.done.json")):
+        assert first.poll() is None and time.monotonic() < deadline, "the build ended before any shard finished"
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    done = BuildDir(out).done_shards()
+    assert 1 <= len(done) < 3 and not (out / "manifest.json").exists()
+
+    rerun = subprocess.run(command, cwd=REPO, start_new_session=True, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{len(done)} already done" in rerun.stdout
+
+    def by_id(root: Path) -> dict:
+        return {t["trace_id"]: (t["reasoning"], t["step_scores"]) for t in load_config(root, "traces")}
+
+    resumed = load_config(out, "traces")
+    assert len({t["trace_id"] for t in resumed}) == len(resumed)
+    assert by_id(out) == by_id(reference)
