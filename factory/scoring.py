@@ -98,7 +98,7 @@ class StepScorer:
 
     # ---- batched reading -----------------------------------------------------------------
 
-    def _read(self, rows: list[tuple[list[int], list[tuple[int, int]]]]) -> list[list[float]]:
+    def read_logprobs(self, rows: list[tuple[list[int], list[tuple[int, int]]]]) -> list[list[float]]:
         """Per row, the log-probabilities of its (slot, token) pairs. Slot j >= 0 is answer slot j;
         slot -1-i is reasoning slot i."""
         tpl = self.template
@@ -120,7 +120,7 @@ class StepScorer:
         prefix = [self.prefix_rows(t) for t in traces]
         consistency = [self.consistency_rows(t) if self_consistency else [] for t in traces]
         flat = [row for rows in prefix for row in rows] + [row for rows in consistency for row in rows]
-        values = iter(self._read(flat))
+        values = iter(self.read_logprobs(flat))
         batches = -(-len(flat) // self.batch_size) if flat else 0
         per_row_passes = batches / max(1, len(flat))
         prefix_values = [[next(values) for _ in rows] for rows in prefix]

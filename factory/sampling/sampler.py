@@ -45,6 +45,7 @@ class SamplerConfig:
 class Request:
     question_ids: list[int]
     answer_ids: list[int] | None = None  # posterior mode: clamped into the answer slots
+    reasoning_ids: list[int] | None = None  # a partly written reasoning region (masks where to write)
     seed: int = 0
     key: object = None  # returned untouched in the result
 
@@ -89,12 +90,14 @@ class CanvasSampler:
     def generate(self, questions: list[str], k: int = 1, seed: int = 0) -> list[SampleResult]:
         """Answer masked: the model writes reasoning and answer. Results in input order (k per question)."""
         encoded = [self.template.encode_question(q) for q in questions]
-        return self.run([Request(q, None, seed_for(seed, i, j), (i, j)) for i, q in enumerate(encoded) for j in range(k)])
+        return self.run([Request(q, seed=seed_for(seed, i, j), key=(i, j)) for i, q in enumerate(encoded) for j in range(k)])
 
     def posterior(self, questions: list[str], answers: list[str], k: int = 1, seed: int = 0) -> list[SampleResult]:
         """Gold answer clamped: samples reasoning from p(reasoning | question, answer)."""
         encoded = [(self.template.encode_question(q), self.template.encode_answer(a)) for q, a in zip(questions, answers, strict=True)]
-        return self.run([Request(q, a, seed_for(seed, i, j), (i, j)) for i, (q, a) in enumerate(encoded) for j in range(k)])
+        return self.run(
+            [Request(q, answer_ids=a, seed=seed_for(seed, i, j), key=(i, j)) for i, (q, a) in enumerate(encoded) for j in range(k)]
+        )
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -123,7 +126,7 @@ class CanvasSampler:
 
         def admit(slot: int) -> None:
             index, req = waiting.popleft()
-            row = tpl.canvas(req.question_ids, None, req.answer_ids)
+            row = tpl.canvas(req.question_ids, req.reasoning_ids, req.answer_ids)
             ids[slot] = tpl.pad_id
             attention[slot] = 0
             ids[slot, length - len(row) :] = torch.tensor(row)

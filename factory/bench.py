@@ -1,0 +1,422 @@
+"""Benchmarks: `factory bench samplers` and `factory bench scoring`.
+
+Each prints JSON, writes it to --json, replaces its own section of docs/benchmarks.md and draws a
+PNG next to it. Every figure comes from one run on the same fresh problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from factory.evaluate import accuracy_report
+from factory.models.adapter import ModelAdapter
+from factory.sampling.sampler import CanvasSampler, Request, SamplerConfig, seed_for
+from factory.scoring import StepScorer, Trace
+from factory.sources import synthetic
+from factory.template import ReasoningTemplate, TemplateError
+
+DOCS = Path("docs/benchmarks.md")
+BASELINE = "left_to_right"
+
+# name -> (rule, params, early-exit gamma). Early exit writes the answer and the rest of the
+# reasoning in the pass that triggers it (exit_fill="all").
+SAMPLER_SETTINGS: dict[str, tuple[str, dict, float | None]] = {
+    "left_to_right": ("left_to_right", {}, None),
+    "entropy": ("entropy", {}, None),
+    "random": ("random", {}, None),
+    "llada_1_per_step": ("llada", {"block_length": 11}, None),
+    "llada_2_per_step": ("llada", {"steps": 22, "block_length": 22}, None),
+    "left_to_right+ee0.1": ("left_to_right", {}, 0.1),
+    "med0.2": ("med", {"lam": 0.2}, None),
+    "med0.2+ee0.1": ("med", {"lam": 0.2}, 0.1),
+    "fast_dllm0.9": ("threshold", {"tau": 0.9}, None),
+    "fast_dllm0.9+ee0.1": ("threshold", {"tau": 0.9}, 0.1),
+    "eb1.0": ("eb", {"gamma": 1.0}, None),
+    "eb1.0+ee0.1": ("eb", {"gamma": 1.0}, 0.1),
+    "eb0.1+ee0.1": ("eb", {"gamma": 0.1}, 0.1),
+    "med_prefix0.3": ("med_prefix", {"lam": 0.3}, None),
+    "med_prefix0.3+ee0.1": ("med_prefix", {"lam": 0.3}, 0.1),
+    "med_prefix1.0+ee0.1": ("med_prefix", {"lam": 1.0}, 0.1),
+}
+
+
+# ---- shared helpers -----------------------------------------------------------------------
+
+
+def write_section(name: str, markdown: str, path: Path = DOCS) -> None:
+    """Replace this benchmark's section of the benchmarks page, leaving the others."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table below is written by the command in its section.\n"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def auroc(positives: list[float], negatives: list[float]) -> float | None:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    if not positives or not negatives:
+        return None
+    ranked = sorted([(s, 1) for s in positives] + [(s, 0) for s in negatives])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        average_rank = (i + j + 1) / 2  # 1-based ranks i+1..j
+        rank_sum += average_rank * sum(label for _, label in ranked[i:j])
+        i = j
+    n_pos, n_neg = len(positives), len(negatives)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def scatter_plot(path: Path, points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, (x, y) in points.items():
+        ax.scatter(x, y)
+        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load(model: str) -> tuple[ModelAdapter, ReasoningTemplate]:
+    adapter = ModelAdapter.load(model)
+    return adapter, ReasoningTemplate(adapter.tokenizer)
+
+
+def emit(report: dict, json_path: Path | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
+
+
+# ---- samplers -------------------------------------------------------------------------------
+
+
+def bench_samplers(adapter, template, problems, settings=SAMPLER_SETTINGS, batch_size: int = 64) -> dict:
+    rules = {}
+    for name, (rule, params, gamma) in settings.items():
+        sampler = CanvasSampler(
+            adapter, template, SamplerConfig(rule=rule, rule_params=params, early_exit_gamma=gamma, batch_size=batch_size)
+        )
+        start = time.perf_counter()
+        report = accuracy_report(problems, *_decode(sampler, problems))
+        wall = time.perf_counter() - start
+        rules[name] = {
+            "rule": rule,
+            "params": params,
+            "early_exit_gamma": gamma,
+            "accuracy": report["accuracy"],
+            "accuracy_by_steps": report["accuracy_by_steps"],
+            "mean_nfe": report["mean_nfe"],
+            "wall_s": round(wall, 2),
+            "traces_per_s": round(len(problems) / wall, 2),
+            "outside_forward_share": round(1 - sampler.stats["forward_s"] / sampler.stats["total_s"], 4),
+        }
+    base = rules.get(BASELINE)
+    for r in rules.values():
+        r["nfe_ratio_vs_one_per_step"] = round(base["mean_nfe"] / r["mean_nfe"], 3) if base else None
+        r["accuracy_delta_pt"] = round(100 * (r["accuracy"] - base["accuracy"]), 2) if base else None
+    return rules
+
+
+def _decode(sampler: CanvasSampler, problems) -> tuple[list[str | None], list[int]]:
+    results = sampler.generate([p.question for p in problems])
+    return [sampler.template.parse_answer(r.answer_ids) for r in results], [r.nfe for r in results]
+
+
+def batching_comparison(adapter, template, problems, setting: str, batch_size: int) -> dict:
+    """Traces/s with early exit on, continuous refill against static batches, same problems."""
+    rule, params, gamma = SAMPLER_SETTINGS[setting]
+    out = {}
+    for continuous in (False, True):
+        config = SamplerConfig(rule=rule, rule_params=params, early_exit_gamma=gamma, batch_size=batch_size, continuous=continuous)
+        sampler = CanvasSampler(adapter, template, config)
+        start = time.perf_counter()
+        sampler.generate([p.question for p in problems])
+        wall = time.perf_counter() - start
+        out["continuous" if continuous else "static"] = {
+            "traces_per_s": round(len(problems) / wall, 2),
+            "forward_passes": sampler.stats["forward_passes"],
+        }
+    out["setting"] = setting
+    out["speedup"] = round(out["continuous"]["traces_per_s"] / out["static"]["traces_per_s"], 3)
+    return out
+
+
+def cli_samplers(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="factory bench samplers")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--only", nargs="*", help="run only these settings")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--docs", type=Path, default=DOCS)
+    args = ap.parse_args(argv)
+    adapter, template = load(args.model)
+    problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(2, 4))
+    settings = {k: v for k, v in SAMPLER_SETTINGS.items() if not args.only or k in args.only or k == BASELINE}
+    rules = bench_samplers(adapter, template, problems, settings, args.batch_size)
+    batching = batching_comparison(adapter, template, problems, "med_prefix0.3+ee0.1", args.batch_size)
+    report = {
+        "n": args.n,
+        "seed": args.seed,
+        "model": adapter.model_id,
+        "batch_size": args.batch_size,
+        "rules": rules,
+        "batching": batching,
+    }
+    emit(report, args.json)
+    plot = args.docs.parent / "samplers_pareto.png"
+    scatter_plot(
+        plot, {k: (v["mean_nfe"], v["accuracy"]) for k, v in rules.items()}, "mean forward passes (NFE)", "accuracy", "accuracy vs NFE"
+    )
+    rows = [{"setting": k, **v} for k, v in rules.items()]
+    cols = [
+        "setting",
+        "accuracy",
+        "accuracy_delta_pt",
+        "mean_nfe",
+        "nfe_ratio_vs_one_per_step",
+        "wall_s",
+        "traces_per_s",
+        "outside_forward_share",
+    ]
+    md = (
+        f"## Samplers\n\n`factory bench samplers --n {args.n} --seed {args.seed}` on `{adapter.model_id}`, 2–4 step problems, "
+        f"batch {args.batch_size}, greedy. Early exit (`+ee`) writes the answer and the remaining reasoning in the pass where the "
+        "answer slots' summed entropy drops below γ. Ratios and deltas are against one-token-per-step left-to-right decoding.\n\n"
+        + markdown_table(rows, cols)
+        + f"\n\nContinuous vs static batching with early exit (`{batching['setting']}`): "
+        f"{batching['continuous']['traces_per_s']} vs {batching['static']['traces_per_s']} traces/s ({batching['speedup']}×).\n\n"
+        f"![accuracy vs NFE]({plot.name})\n"
+    )
+    write_section("samplers", md, args.docs)
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+SCORING_KINDS = synthetic.CORRUPTION_KINDS
+
+
+def scoring_cases(problems, seed: int) -> list[dict]:
+    """Clean traces and one corrupted trace of every kind per problem, each with its first error."""
+    rng = random.Random(seed)
+    cases = []
+    for p in problems:
+        cases.append({"problem": p, "kind": "clean", "steps": p.steps, "first_error": None})
+        for kind in SCORING_KINDS:
+            trace = synthetic.corrupt(p, kind, rng)
+            if trace is not None:
+                cases.append({"problem": p, "kind": kind, "steps": trace.steps, "first_error": trace.first_error})
+    return cases
+
+
+def _prefix_values(method: str, scores, k: int) -> float:
+    """The value a method gives the prefix of k >= 1 steps."""
+    answer = scores.prefix_logp[k]
+    local = min(scores.self_consistency[:k])
+    return {"one_pass": answer, "chain_rule": answer, "self_consistency": local, "combined": answer + local}[method]
+
+
+def _step_values(method: str, scores) -> list[float]:
+    if method == "self_consistency":
+        return scores.self_consistency
+    if method == "combined":
+        return [a + b for a, b in zip(scores.step_scores, scores.self_consistency)]
+    return scores.step_scores
+
+
+def summarise(method: str, cases: list[dict], values: list[list[float]], step_values: list[list[float] | None], passes: float) -> dict:
+    """AUROC of prefix values separating error-free prefixes (positive) from ones holding an error."""
+    pos_all, neg_all, pos_part, neg_part = [], [], [], []
+    neg_by_kind: dict[str, list[float]] = {k: [] for k in SCORING_KINDS}
+    pos_part_by_problem = []
+    first_hits, first_total = 0, 0
+    for case, vals, steps in zip(cases, values, step_values):
+        n = len(case["steps"])
+        for k, v in enumerate(vals, start=1):
+            bad = case["first_error"] is not None and k > case["first_error"]
+            (neg_all if bad else pos_all).append(v)
+            if k < n:
+                (neg_part if bad else pos_part).append(v)
+                if bad:
+                    neg_by_kind[case["kind"]].append(v)
+                elif case["kind"] == "clean":
+                    pos_part_by_problem.append(v)
+        if case["first_error"] is not None and steps:
+            first_total += 1
+            first_hits += int(min(range(len(steps)), key=steps.__getitem__) == case["first_error"])
+    return {
+        "auroc_partial": auroc(pos_part, neg_part),
+        "auroc_all": auroc(pos_all, neg_all),
+        "auroc_by_kind": {k: auroc(pos_part, v) for k, v in neg_by_kind.items()},
+        "first_error_accuracy": first_hits / first_total if first_total else None,
+        "nfe_per_step": round(passes, 3),
+    }
+
+
+def rollout_values(adapter, template, cases, n_rollouts: int, batch_size: int) -> tuple[list[list[float]], float]:
+    """Math-Shepherd: from each prefix, N sampled completions; the value is the share reaching the gold answer."""
+    sampler = CanvasSampler(
+        adapter,
+        template,
+        SamplerConfig(rule="med_prefix", rule_params={"lam": 0.3}, temperature=1.0, batch_size=batch_size, early_exit_gamma=0.1),
+    )
+    scorer, requests = StepScorer(adapter, template), []
+    for c_i, case in enumerate(cases):
+        q = template.encode_question(case["problem"].question)
+        reasoning = template.encode_reasoning(case["steps"])
+        for k in range(1, len(case["steps"]) + 1):
+            end = scorer.visible_end(reasoning, k)
+            partial = reasoning[:end] + [adapter.mask_id] * (len(reasoning) - end)
+            requests += [Request(q, reasoning_ids=partial, seed=seed_for(c_i, k, r), key=(c_i, k)) for r in range(n_rollouts)]
+    results = sampler.run(requests)
+    hits: dict[tuple[int, int], int] = {}
+    for req, res in zip(requests, results):
+        gold = str(cases[req.key[0]]["problem"].answer)
+        hits[req.key] = hits.get(req.key, 0) + int(template.parse_answer(res.answer_ids) == gold)
+    values = [[hits[(c_i, k)] / n_rollouts for k in range(1, len(c["steps"]) + 1)] for c_i, c in enumerate(cases)]
+    total_steps = sum(len(c["steps"]) for c in cases)
+    return values, sum(r.nfe for r in results) / total_steps
+
+
+def med_completion_values(adapter, template, cases, batch_size: int) -> tuple[list[list[float]], float]:
+    """Complete each prefix's masked remainder greedily with MED, then read log p(gold answer)."""
+    sampler = CanvasSampler(adapter, template, SamplerConfig(rule="med_prefix", rule_params={"lam": 0.3}, batch_size=batch_size))
+    scorer = StepScorer(adapter, template)
+    requests = []
+    for c_i, case in enumerate(cases):
+        q = template.encode_question(case["problem"].question)
+        reasoning = template.encode_reasoning(case["steps"])
+        for k in range(1, len(case["steps"]) + 1):
+            end = scorer.visible_end(reasoning, k)
+            requests.append(Request(q, reasoning_ids=reasoning[:end] + [adapter.mask_id] * (len(reasoning) - end), key=(c_i, k)))
+    results = sampler.run(requests)
+    traces = [
+        Trace(req.question_ids, res.reasoning_ids, template.encode_answer(str(cases[req.key[0]]["problem"].answer)))
+        for req, res in zip(requests, results)
+    ]
+    rows = [
+        (
+            template.canvas(t.question_ids, t.reasoning_ids, None),
+            [(j, t.answer_ids[j]) for j in range(scorer.scored_answer_length(t.answer_ids))],
+        )
+        for t in traces
+    ]
+    logps = iter(sum(v) for v in scorer.read_logprobs(rows))
+    values = [[next(logps) for _ in range(len(c["steps"]))] for c in cases]
+    total_steps = sum(len(c["steps"]) for c in cases)
+    return values, (sum(r.nfe for r in results) + len(rows)) / total_steps
+
+
+def bench_scoring(adapter, template, problems, seed: int, rollouts: int, batch_size: int = 128) -> dict:
+    cases = []
+    for case in scoring_cases(problems, seed):
+        try:
+            template.encode_reasoning(case["steps"])
+            cases.append(case)
+        except TemplateError:
+            continue
+    traces = [
+        Trace(
+            template.encode_question(c["problem"].question),
+            template.encode_reasoning(c["steps"]),
+            template.encode_answer(str(c["problem"].answer)),
+        )
+        for c in cases
+    ]
+    total_steps = sum(len(c["steps"]) for c in cases)
+    methods = {}
+    for estimator, names in (("marginal", ("one_pass", "self_consistency", "combined")), ("chain", ("chain_rule",))):
+        scorer = StepScorer(adapter, template, estimator=estimator, batch_size=batch_size)
+        scores = scorer.score(traces, self_consistency=True)
+        prefix_rows = sum(len(scorer.prefix_rows(t)) for t in traces)
+        consistency_rows = sum(len(scorer.consistency_rows(t)) for t in traces)
+        passes = {
+            "one_pass": prefix_rows,
+            "chain_rule": prefix_rows,
+            "self_consistency": consistency_rows,
+            "combined": prefix_rows + consistency_rows,
+        }
+        for name in names:
+            values = [[_prefix_values(name, s, k) for k in range(1, len(c["steps"]) + 1)] for c, s in zip(cases, scores)]
+            methods[name] = summarise(name, cases, values, [_step_values(name, s) for s in scores], passes[name] / total_steps)
+    values, passes = med_completion_values(adapter, template, cases, batch_size=64)
+    methods["med_completion"] = summarise("med_completion", cases, values, [None] * len(cases), passes)
+    if rollouts:
+        values, passes = rollout_values(adapter, template, cases, rollouts, batch_size=64)
+        methods[f"rollout_{rollouts}"] = summarise("rollout", cases, values, [None] * len(cases), passes)
+    return {"traces": len(cases), "by_kind": {k: sum(c["kind"] == k for c in cases) for k in ("clean", *SCORING_KINDS)}, "methods": methods}
+
+
+def cli_scoring(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="factory bench scoring")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--min-steps", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=5)
+    ap.add_argument("--rollouts", type=int, default=8, help="N completions per prefix for the rollout baseline (0: skip)")
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--docs", type=Path, default=DOCS)
+    args = ap.parse_args(argv)
+    adapter, template = load(args.model)
+    problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(args.min_steps, args.max_steps))
+    report = {
+        "n": args.n,
+        "seed": args.seed,
+        "model": adapter.model_id,
+        **bench_scoring(adapter, template, problems, args.seed, args.rollouts),
+    }
+    emit(report, args.json)
+    methods = report["methods"]
+    plot = args.docs.parent / "scoring_auroc.png"
+    scatter_plot(
+        plot,
+        {k: (v["nfe_per_step"], v["auroc_partial"]) for k, v in methods.items()},
+        "canvas passes per step",
+        "AUROC (partial prefixes)",
+        "step scoring",
+    )
+    rows = [
+        {"method": k, **{c: v[c] for c in ("auroc_partial", "auroc_all", "first_error_accuracy", "nfe_per_step")}, **v["auroc_by_kind"]}
+        for k, v in methods.items()
+    ]
+    md = (
+        f"## Step scoring\n\n`factory bench scoring --n {args.n} --seed {args.seed} --rollouts {args.rollouts}` on `{adapter.model_id}`: "
+        f"{report['traces']} traces ({report['by_kind']}) from {args.min_steps}–{args.max_steps} step problems. A prefix is positive when it "
+        "holds no error; `auroc_partial` counts only prefixes that stop before the last step. Passes are canvas evaluations "
+        "(one row of one forward pass) per reasoning step.\n\n"
+        + markdown_table(rows, ["method", "auroc_partial", "auroc_all", *SCORING_KINDS, "first_error_accuracy", "nfe_per_step"])
+        + f"\n\n![AUROC vs passes]({plot.name})\n"
+    )
+    write_section("scoring", md, args.docs)
