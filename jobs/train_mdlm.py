@@ -186,17 +186,18 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % 10 == 0 or step == args.steps - 1:
+        checkpoint_now = (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1
+        if step % 10 == 0 or checkpoint_now:
             acc = (logits.argmax(-1) == targets[masked]).float().mean().item()
             record = {"step": step, "loss": round(loss.item(), 4), "masked_acc": round(acc, 4), "elapsed_s": round(time.time() - t0, 1)}
-            if (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1:
+            if checkpoint_now:
                 model.eval()
                 record["one_pass_answer_acc"] = one_pass_answer_accuracy(model, template, val)
                 model.train()
             print(json.dumps(record), flush=True)
             log.write(json.dumps(record) + "\n")
             log.flush()
-        if (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1:
+        if checkpoint_now:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1, "elapsed_s": time.time() - t0}
             torch.save(state, ckpt_path.with_suffix(".tmp"))
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # atomic: a kill never leaves half a checkpoint
