@@ -1,0 +1,84 @@
+import pytest
+
+from factory.scoring import StepScorer, Trace, TraceScores
+from factory.sources.synthetic import SyntheticConfig, generate
+
+
+@pytest.fixture(scope="module")
+def traces(template):
+    problems = generate(4, seed=9, config=SyntheticConfig(2, 4))
+    return [
+        Trace(template.encode_question(p.question), template.encode_reasoning(p.steps), template.encode_answer(str(p.answer)))
+        for p in problems
+    ]
+
+
+def test_prefix_canvases_show_exactly_k_steps_and_hide_the_answer(tiny_adapter, template, traces):
+    scorer = StepScorer(tiny_adapter, template)
+    trace = traces[0]
+    steps = template.step_spans(trace.reasoning_ids)
+    rows = scorer.prefix_rows(trace)
+    assert len(rows) == len(steps) + 1
+    for k, (row, pairs) in enumerate(rows):
+        spans = template.spans(len(row))
+        reasoning = row[spans.reasoning]
+        visible = [t for t in reasoning if t != template.mask_id]
+        assert template.split_steps(visible + [template.filler_id]) == template.split_steps(trace.reasoning_ids)[:k]
+        assert all(t == template.mask_id for t in row[spans.answer])
+        assert [tok for _, tok in pairs] == trace.answer_ids[: scorer.scored_answer_length(trace.answer_ids)]
+
+
+def test_marginal_score_is_the_log_probability_read_directly(tiny_adapter, template, traces):
+    scorer = StepScorer(tiny_adapter, template)
+    trace = traces[1]
+    scores = scorer.score([trace], self_consistency=False)[0]
+    row, pairs = scorer.prefix_rows(trace)[1]
+    ids, attention = template.collate([row])
+    logp = tiny_adapter.logits(ids, attention).log_softmax(-1)[0]
+    start = template.spans(len(row)).answer.start
+    expected = sum(float(logp[start + j, tok]) for j, tok in pairs)
+    assert scores.prefix_logp[1] == pytest.approx(expected, abs=1e-4)
+    assert scores.step_scores == pytest.approx([b - a for a, b in zip(scores.prefix_logp, scores.prefix_logp[1:])])
+
+
+def test_chain_rule_reveals_answer_tokens_one_at_a_time(tiny_adapter, template, traces):
+    chain = StepScorer(tiny_adapter, template, estimator="chain")
+    marginal = StepScorer(tiny_adapter, template)
+    trace = traces[2]
+    m = chain.scored_answer_length(trace.answer_ids)
+    assert m >= 2  # the number and the closing brace
+    rows = chain.prefix_rows(trace)
+    assert len(rows) == (len(template.step_spans(trace.reasoning_ids)) + 1) * m
+    for j, (row, pairs) in enumerate(rows[:m]):
+        answer = row[template.spans(len(row)).answer]
+        assert answer[:j] == trace.answer_ids[:j] and all(t == template.mask_id for t in answer[j:])
+        assert pairs == [(j, trace.answer_ids[j])]
+    # the first factor of the chain is the first marginal; the totals differ in the later factors
+    first_chain = chain.read_logprobs(rows[:1])[0][0]
+    first_marginal = marginal.read_logprobs(marginal.prefix_rows(trace)[:1])[0][0]
+    assert first_chain == pytest.approx(first_marginal, abs=1e-5)
+
+
+def test_self_consistency_masks_only_each_steps_result(tiny_adapter, template, traces):
+    scorer = StepScorer(tiny_adapter, template)
+    trace = traces[0]
+    equals = template.encode_text("=")[0]
+    for (row, pairs), (start, end) in zip(scorer.consistency_rows(trace), template.step_spans(trace.reasoning_ids)):
+        reasoning = row[template.spans(len(row)).reasoning]
+        hidden = [i for i, t in enumerate(reasoning) if t == template.mask_id]
+        eq = max(i for i in range(start, end) if trace.reasoning_ids[i] == equals)
+        assert hidden == list(range(eq + 1, end))
+        assert [tok for _, tok in pairs] == trace.reasoning_ids[eq + 1 : end]
+    scores = scorer.score([trace])[0]
+    assert len(scores.self_consistency) == len(template.step_spans(trace.reasoning_ids))
+
+
+def test_trace_aggregates():
+    s = TraceScores([-3.0, -1.0, -4.0, -0.5], [2.0, -3.0, 3.5], [-0.1, -2.0, -0.2], 1.0)
+    assert s.final_score == -0.5 and s.min_step_score == -3.0
+    assert s.first_suspect_step() == 1 and s.first_suspect_step(threshold=-5.0) is None
+
+
+def test_unknown_estimator_is_refused(tiny_adapter, template):
+    with pytest.raises(ValueError, match="marginal"):
+        StepScorer(tiny_adapter, template, estimator="rollout")
