@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from factory import bench
+from factory.cli import main as factory_main
+from factory.sources.synthetic import SyntheticConfig, generate
+
+
+def test_auroc_matches_pairwise_definition():
+    assert bench.auroc([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert bench.auroc([1.0], [2.0]) == 0.0
+    assert bench.auroc([1.0, 2.0], [1.0, 0.0]) == pytest.approx(0.875)  # one tie counts half
+    assert bench.auroc([], [1.0]) is None
+
+
+def test_sections_are_replaced_not_appended(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    bench.write_section("a", "first", page)
+    bench.write_section("b", "other", page)
+    bench.write_section("a", "second", page)
+    text = page.read_text()
+    assert "second" in text and "first" not in text and "other" in text and text.count("<!-- bench:a -->") == 1
+
+
+def test_sampler_bench_reports_every_setting(tiny_adapter, template):
+    problems = generate(4, seed=5, config=SyntheticConfig(2, 4))
+    settings = {k: bench.SAMPLER_SETTINGS[k] for k in ("left_to_right", "med_prefix0.3+ee0.1", "eb1.0")}
+    rules = bench.bench_samplers(tiny_adapter, template, problems, settings, batch_size=4)
+    assert set(rules) == set(settings)
+    for r in rules.values():
+        assert {"accuracy", "mean_nfe", "nfe_ratio_vs_one_per_step", "wall_s", "traces_per_s"} <= set(r)
+    assert rules["left_to_right"]["nfe_ratio_vs_one_per_step"] == 1.0
+    batching = bench.batching_comparison(tiny_adapter, template, problems, "med_prefix0.3+ee0.1", batch_size=2)
+    assert batching["static"]["traces_per_s"] > 0 and batching["continuous"]["traces_per_s"] > 0
+
+
+def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
+    problems = generate(3, seed=6, config=SyntheticConfig(2, 3))
+    report = bench.bench_scoring(tiny_adapter, template, problems, seed=0, rollouts=1, batch_size=64)
+    assert set(report["methods"]) == {"one_pass", "chain_rule", "self_consistency", "combined", "med_completion", "rollout_1"}
+    for m in report["methods"].values():
+        assert set(m["auroc_by_kind"]) == set(bench.SCORING_KINDS) and m["nfe_per_step"] > 0
+
+
+def test_eval_command_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    factory_main(["eval", "--n", "6", "--seed", "3", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["n"] == 6 and 0 <= report["accuracy"] <= 1 and report["mean_nfe"] > 0
+    assert set(report["accuracy_by_steps"]) <= {"2", "3", "4"}
