@@ -102,7 +102,7 @@ class TraceMaker:
         for i, p in enumerate(problems):
             question, answer = self.template.encode_question(p.question), self.template.encode_answer(p.gold_answer)
             base = problem_seed(self.spec.seed, p.problem_id)
-            requests += [Request(question, answer, seed_for(base, 0, j), (i, j)) for j in range(self.spec.sampler.k)]
+            requests += [Request(question, answer_ids=answer, seed=seed_for(base, 0, j), key=(i, j)) for j in range(self.spec.sampler.k)]
         return requests
 
     def __call__(self, problems: list[Problem]) -> list[TraceRow]:

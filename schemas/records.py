@@ -16,3 +16,110 @@ class Problem(BaseModel):
     gold_answer: str = Field(description="canonical integer string, e.g. '38'")
     gold_steps: list[str] = Field(default_factory=list)
     num_steps: int = 0
+
+
+class Rejected(BaseModel):
+    """A source row the factory cannot use, kept with the reason so nothing is dropped silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    problem_id: str | None = Field(default=None, description="set when the row got far enough to have one")
+    source: str
+    row: int = Field(description="position of the row in its source")
+    raw: str = Field(description="the row as JSON")
+    reason: str = Field(description="short machine-readable code, e.g. 'unknown_tokens'")
+    detail: str
+
+
+class TraceRow(Problem):
+    """One scored posterior trace of a problem, with everything needed to reproduce it."""
+
+    trace_id: str = Field(description="hash of (spec hash, problem_id, sample_index)")
+    sample_index: int
+    reasoning: str
+    steps: list[str]
+    answer: str | None = Field(description="the integer read from the answer slots")
+    nfe: int = Field(description="sampler forward passes for this trace")
+    exited_early: bool
+    step_scores: list[float]
+    prefix_logp: list[float]
+    self_consistency: list[float]
+    final_score: float
+    min_step_score: float
+    scoring_passes: float
+    # provenance
+    model_id: str
+    model_revision: str | None
+    sampler: str = Field(description="sampler settings as JSON")
+    scorer: str = Field(description="scorer settings as JSON")
+    seed: int = Field(description="the problem's sampler seed, derived from (spec seed, problem_id)")
+    code_version: str
+    spec_hash: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: str
+    content: str
+
+
+class SFTRow(BaseModel):
+    """Chat-format fine-tuning example: the prompt is the question alone, never the answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: list[ChatMessage]
+    trace_id: str
+    problem_id: str
+
+
+class PRMRow(BaseModel):
+    """Process-reward example in TRL's stepwise format, with the raw scores behind the labels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str
+    completions: list[str]
+    labels: list[bool]
+    step_scores: list[float]
+    trace_id: str
+    problem_id: str
+
+
+class WorkerInfo(BaseModel):
+    """Where a shard ran: the actor process and the accelerators Ray gave it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    actor: str = Field(description="host:pid of the process that sampled the shard")
+    device: str
+    cuda_visible_devices: str | None
+    gpu_ids: list[str] = Field(default_factory=list, description="GPU ids Ray assigned to the actor")
+
+
+class ShardSummary(BaseModel):
+    """What one shard produced: written as its completion marker, after its traces."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shard: int
+    problems: int
+    sampled: int
+    accepted: int
+    filtered: dict[str, int] = Field(description="dropped traces by reason")
+    nfe_sum: int = Field(description="over all sampled traces")
+    step_score_sum: float = Field(description="over all steps of all sampled traces")
+    step_count: int
+    sample_s: float
+    score_s: float
+    worker: WorkerInfo
+
+
+class ShardResult(ShardSummary):
+    """A shard's summary with its accepted traces, as a worker hands it back."""
+
+    traces: list[TraceRow]
+
+    def summary(self) -> ShardSummary:
+        return ShardSummary.model_validate(self.model_dump(exclude={"traces"}))

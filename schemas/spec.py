@@ -1,0 +1,275 @@
+"""The build spec: one YAML file that says what `factory build` makes, checked before any compute.
+
+Sections that configure an existing component (template, sampler, synthetic source) are derived
+from that component's config dataclass, so field names and defaults live in one place. Every
+section forbids unknown keys, and choices are Literal types, so a typo fails with the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_type_hints
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from factory.models.adapter import KINDS
+from factory.sampling.rules import RULES
+from factory.sampling.sampler import SamplerConfig
+from factory.scoring import ESTIMATORS
+from factory.sources.synthetic import SYMBOLS, SyntheticConfig
+from factory.template import TemplateConfig
+
+SECTION = ConfigDict(extra="forbid")
+RuleName = Literal[tuple(RULES)]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be built; the message names every bad key and what is allowed there."""
+
+
+def section_from_dataclass(config_class: type, name: str, **types: Any) -> type[BaseModel]:
+    """A pydantic section with the dataclass's fields and defaults; `types` narrows some fields (e.g. to a Literal)."""
+    hints = get_type_hints(config_class)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else Field(default_factory=f.default_factory)
+        fields[f.name] = (types.get(f.name, hints[f.name]), default)
+    return create_model(name, __config__=SECTION, __doc__=f"Fields of {config_class.__qualname__}.", **fields)
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+
+class Columns(BaseModel):
+    """Which columns of a table hold the question, the answer and (optionally) gold steps."""
+
+    model_config = SECTION
+
+    question: str = "question"
+    answer: str = "answer"
+    steps: str | None = None
+
+
+class SyntheticSource(section_from_dataclass(SyntheticConfig, "SyntheticKnobs", operations=tuple[Literal[SYMBOLS], ...])):
+    kind: Literal["synthetic"] = "synthetic"
+    n: int = Field(48, ge=1, description="problems to generate")
+    seed: int = Field(0, description="problem seed, separate from the sampling seed")
+
+    def to_config(self) -> SyntheticConfig:
+        return SyntheticConfig(**self.model_dump(exclude={"kind", "n", "seed"}))
+
+    @model_validator(mode="after")
+    def _knobs_fit(self):
+        self.to_config()  # SyntheticConfig checks the ranges
+        return self
+
+
+class HFSource(BaseModel):
+    """A Hugging Face dataset via `datasets.load_dataset(path, name, split=split)`."""
+
+    model_config = SECTION
+
+    kind: Literal["hf"]
+    path: str
+    name: str | None = None
+    split: str = "train"
+    columns: Columns = Columns()
+    answer_format: Literal["gsm8k", "number"] = Field("gsm8k", description="gsm8k: reasoning, then '#### answer'")
+
+
+class LocalSource(BaseModel):
+    """A local JSONL or Parquet file."""
+
+    model_config = SECTION
+
+    kind: Literal["local"]
+    path: str
+    format: Literal["jsonl", "parquet"] | None = Field(None, description="by file extension when unset")
+    columns: Columns = Columns()
+    answer_format: Literal["gsm8k", "number"] = "number"
+
+
+SourceSpec = Annotated[SyntheticSource | HFSource | LocalSource, Field(discriminator="kind")]
+
+
+# ---- model, template, sampler, scoring ------------------------------------------------------
+
+
+class ModelSpec(BaseModel):
+    model_config = SECTION
+
+    id: str = Field("embedded", description="hub id or local path; 'embedded' is the model shipped in the package")
+    kind: Literal[KINDS] = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _remote_code_is_pinned(self):
+        if self.trust_remote_code and not self.revision:
+            raise ValueError("trust_remote_code needs a pinned revision (a commit hash), so the code that runs is known")
+        return self
+
+
+class TemplateSpec(section_from_dataclass(TemplateConfig, "TemplateFields")):
+    def to_config(self) -> TemplateConfig:
+        return TemplateConfig(**self.model_dump())
+
+
+class SamplerSpec(section_from_dataclass(SamplerConfig, "SamplerFields", rule=RuleName)):
+    k: int = Field(2, ge=1, description="posterior traces per problem")
+
+    def to_config(self) -> SamplerConfig:
+        return SamplerConfig(**self.model_dump(exclude={"k"}))
+
+    @model_validator(mode="after")
+    def _rule_params_fit_the_rule(self):
+        signature = inspect.signature(RULES[self.rule])
+        parameters = list(signature.parameters)[1:]  # the first is the step view
+        try:
+            signature.bind(None, **self.rule_params)
+        except TypeError as err:
+            raise ValueError(f"rule_params {self.rule_params} do not fit rule {self.rule!r} (parameters: {parameters}): {err}") from None
+        self.to_config()  # SamplerConfig checks temperature and exit_fill
+        return self
+
+
+class ScoringSpec(BaseModel):
+    model_config = SECTION
+
+    estimator: Literal[ESTIMATORS] = "marginal"
+    self_consistency: bool = True
+    batch_size: int = Field(128, ge=1)
+    label_threshold: float = Field(-1.0, description="a PRM label is True when the step score is at least this (nats)")
+
+
+class FilterSpec(BaseModel):
+    """A trace is kept only if it passes every filter; each drop is counted by reason."""
+
+    model_config = SECTION
+
+    answer_match: bool = Field(True, description="the last number of the last step must equal the gold answer")
+    min_step_score: float | None = Field(None, description="drop traces with any step score below this")
+    dedupe: bool = Field(True, description="drop exact duplicate reasoning within a problem")
+    min_steps: int = Field(1, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+
+
+class OutputSpec(BaseModel):
+    model_config = SECTION
+
+    dir: str = "out/build"
+    shard_size: int = Field(16, ge=1, description="problems per shard: the unit of work, of resume and of output files")
+
+
+class ResourceSpec(BaseModel):
+    model_config = SECTION
+
+    num_actors: int = Field(1, ge=1, description="model replicas (Ray actors)")
+    num_gpus_per_actor: float = Field(0, ge=0, description="0 on CPU")
+    num_cpus_per_actor: float = Field(1, gt=0)
+    batch_size: int = Field(1, ge=1, description="shards per Ray map_batches call")
+
+
+class BuildSpec(BaseModel):
+    model_config = SECTION
+
+    seed: int = Field(0, description="sampling seed; each problem's seed derives from it and the problem id")
+    limit: int | None = Field(None, ge=1, description="use at most this many usable problems")
+    source: SourceSpec = SyntheticSource()
+    model: ModelSpec = ModelSpec()
+    template: TemplateSpec = TemplateSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    scoring: ScoringSpec = ScoringSpec()
+    filters: FilterSpec = FilterSpec()
+    output: OutputSpec = OutputSpec()
+    resources: ResourceSpec = ResourceSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_defaults_to_synthetic(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("source"), dict) and "kind" not in data["source"]:
+            return {**data, "source": {"kind": "synthetic", **data["source"]}}
+        return data
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON of what determines the data. Where it is written (output) and
+        on how many workers (resources) do not change a single trace, so they are left out: a build
+        can resume on a different cluster, and trace ids do not depend on sharding."""
+        content = self.model_dump(mode="json", exclude={"output", "resources"})
+        return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def with_overrides(self, output_dir: str | Path | None = None, limit: int | None = None) -> BuildSpec:
+        """A re-validated copy with the command line's --output and --limit applied where given."""
+        data = self.model_dump()
+        if output_dir is not None:
+            data["output"]["dir"] = str(output_dir)
+        if limit is not None:
+            data["limit"] = limit
+        return validate_spec(data, origin="spec with command-line overrides")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+DEFAULT_SPEC = resources.files("factory") / "specs" / "default.yaml"
+
+
+def load_spec(path: str | Path | None = None) -> BuildSpec:
+    """Read and validate a spec file (the shipped default when `path` is None)."""
+    path = Path(path) if path is not None else Path(str(DEFAULT_SPEC))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: cannot read spec: {err}") from None
+    return validate_spec(data if data is not None else {}, origin=str(path))
+
+
+def validate_spec(data: Any, origin: str = "spec") -> BuildSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: a spec is a mapping of sections, got {type(data).__name__}")
+    try:
+        return BuildSpec.model_validate(data)
+    except ValidationError as err:
+        problems = "\n".join(f"  - {describe_error(e)}" for e in err.errors())
+        raise SpecError(f"{origin}: invalid build spec\n{problems}") from None
+
+
+def describe_error(error: dict) -> str:
+    """One readable line per pydantic error: the dotted key, what was given, what is allowed."""
+    loc = error["loc"]
+    if error["type"] == "extra_forbidden":
+        names, model = walk(loc[:-1])
+        allowed = ", ".join(model.model_fields) if model else "?"
+        return f"{'.'.join([*names, str(loc[-1])])}: unknown key; allowed keys: {allowed}"
+    names, _ = walk(loc)
+    message = error["msg"].removeprefix("Value error, ")
+    given = f" (got {error['input']!r})" if error["type"] in ("literal_error", "enum") else ""
+    return f"{'.'.join(names) or 'spec'}: {message}{given}"
+
+
+def walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """The readable key path of an error location and the section model it ends in. Pydantic puts a
+    tagged union's tag (e.g. 'hf') into the location; it is not a key, so it is skipped."""
+    model: type[BaseModel] | None = BuildSpec
+    names: list[str] = []
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        names.append(str(part))
+        field = model.model_fields.get(part) if model and isinstance(part, str) else None
+        if field is None:
+            model = None
+            continue
+        choices = [a for a in (get_args(field.annotation) or (field.annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(choices) > 1:
+            tag = parts.pop(0) if parts else None
+            model = next((c for c in choices if get_args(c.model_fields["kind"].annotation) == (tag,)), None)
+        else:
+            model = choices[0] if choices else None
+    return names, model
