@@ -413,9 +413,9 @@ def cli_scoring(argv: list[str]) -> None:
     ]
     md = (
         f"## Step scoring\n\n`factory bench scoring --n {args.n} --seed {args.seed} --rollouts {args.rollouts}` on `{adapter.model_id}`: "
-        f"{report['traces']} traces ({report['by_kind']}) from {args.min_steps}–{args.max_steps} step problems. A prefix is positive when it "
-        "holds no error; `auroc_partial` counts only prefixes that stop before the last step. Passes are canvas evaluations "
-        "(one row of one forward pass) per reasoning step.\n\n"
+        f"{report['traces']} traces ({report['by_kind']}) from {args.min_steps}–{args.max_steps} step problems. "
+        "A prefix is positive when it holds no error; `auroc_partial` counts only prefixes that stop before the last step. "
+        "Passes are canvas evaluations (one row of one forward pass) per reasoning step.\n\n"
         + markdown_table(rows, ["method", "auroc_partial", "auroc_all", *SCORING_KINDS, "first_error_accuracy", "nfe_per_step"])
         + f"\n\n![AUROC vs passes]({plot.name})\n"
     )

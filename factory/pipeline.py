@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import factory
-from factory.models.adapter import LLADA_MASK_ID, ModelAdapter
-from factory.models.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
+from factory.models.adapter import ModelAdapter
+from factory.models.adapter import load_tokenizer as load_model_tokenizer
 from factory.output import BuildDir, BuildError
 from factory.sampling.sampler import CanvasSampler, Request, SampleResult, seed_for
 from factory.scoring import StepScorer, Trace, TraceScores
@@ -68,13 +68,7 @@ def plan_shards(problems: list[Problem], shard_size: int) -> list[list[Problem]]
 
 def load_tokenizer(model: ModelSpec):
     """The model's tokenizer without its weights: the driver checks rows and renders the dry run with it."""
-    from transformers import AutoTokenizer
-
-    path = EMBEDDED_MODEL_DIR if model.id in ("embedded", EMBEDDED_MODEL_ID) else model.id
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    if tokenizer.mask_token_id is None and model.kind == "llada":  # as ModelAdapter.load does
-        tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(LLADA_MASK_ID)})
-    return tokenizer
+    return load_model_tokenizer(model.id, model.kind, model.revision, model.trust_remote_code)
 
 
 def driver_template(spec: BuildSpec) -> ReasoningTemplate:

@@ -64,8 +64,7 @@ class ModelAdapter:
         """Load a model by hub id or path; `None` or 'embedded' loads the shipped embedded model."""
         if kind not in KINDS:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
-        path = EMBEDDED_MODEL_DIR if model_id in (None, "embedded", EMBEDDED_MODEL_ID) else model_id
-        name = EMBEDDED_MODEL_ID if path == EMBEDDED_MODEL_DIR else str(model_id)
+        path, name = resolve_model(model_id)
         raw_config, _ = PretrainedConfig.get_config_dict(path, revision=revision)
         if raw_config.get("auto_map") and not trust_remote_code:
             raise RemoteCodeRefused(f"{name} ships its own model code; set trust_remote_code=true and a pinned revision to run it")
@@ -78,15 +77,34 @@ class ModelAdapter:
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         loader = AutoModelForMaskedLM if kind == "masked_lm" else AutoModel
         model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model_id, kind, revision, trust_remote_code, config_mask_id=getattr(config, "mask_token_id", None))
         mask_id = tokenizer.mask_token_id
-        if mask_id is None:
-            mask_id = getattr(config, "mask_token_id", None) or (LLADA_MASK_ID if kind == "llada" else None)
+        return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, revision)
+
+
+def resolve_model(model_id: str | Path | None) -> tuple[str | Path, str]:
+    """(where to load from, the name recorded in provenance); None or 'embedded' is the shipped model."""
+    if model_id in (None, "embedded", EMBEDDED_MODEL_ID):
+        return EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
+    return model_id, str(model_id)
+
+
+def load_tokenizer(
+    model_id: str | Path | None = None,
+    kind: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    config_mask_id: int | None = None,
+):
+    """The model's tokenizer, with a mask token registered (LLaDA's lives in the model, not the tokenizer)."""
+    path, name = resolve_model(model_id)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.mask_token_id is None:
+        mask_id = config_mask_id or (LLADA_MASK_ID if kind == "llada" else None)
         if mask_id is None:
             raise ValueError(f"{name}: no mask token id in its tokenizer or config")
-        if tokenizer.mask_token_id is None:
-            tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
-        return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, revision)
+        tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
+    return tokenizer
 
 
 def _guess_kind(config) -> str:
