@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import factory
+from factory.bench import emit, markdown_table, write_section
 from factory.models.adapter import ModelAdapter
 from factory.models.adapter import load_tokenizer as load_model_tokenizer
 from factory.output import BuildDir, BuildError
@@ -374,11 +375,15 @@ def cli_bench(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="factory-bench-") as tmp:
         args.output = tmp
         report = bench_pipeline(spec_from_args(args), args.address)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
+    runs = [{"run": k, **report[k]} for k in ("in_process", "pipeline")]
+    write_section(
+        "pipeline",
+        f"## Pipeline\n\n`factory bench pipeline --limit {args.limit}` (default spec, {report['num_actors']} actors): the whole Ray build "
+        "(actor start, sampling, step scoring, filtering, writing) against the bare in-process sampler on the same problems, "
+        f"model already loaded.\n\n{markdown_table(runs, ['run', 'seconds', 'traces_per_s'])}\n\n"
+        f"Ratio pipeline / in-process: **{report['ratio']}**.\n",
+    )
 
 
 def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
