@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import operator
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
 from schemas.spec import BuildSpec, FilterSpec, ModelSpec, SpecError, load_spec
 
 NUMBER = re.compile(r"-?\d[\d,]*")
+EQUATION = re.compile(r"(-?\d[\d,]*)\s*([-+*/×÷])\s*(-?\d[\d,]*)\s*=\s*(-?\d[\d,]*)")
 ACTOR_POOL_START_TIMEOUT_S = 1200
 
 Log = Callable[[str], None]
@@ -147,6 +150,17 @@ def final_number(steps: list[str]) -> int | None:
     return int(numbers[-1].replace(",", "")) if numbers else None
 
 
+def false_equation(steps: list[str]) -> bool:
+    """Whether any step writes an equation 'a op b = c' that does not hold."""
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "×": operator.mul, "/": Fraction, "÷": Fraction}
+    for step in steps:
+        for a, op, b, c in EQUATION.findall(step):
+            a, b, c = (int(x.replace(",", "")) for x in (a, b, c))
+            if op in "/÷" and b == 0 or ops[op](a, b) != c:
+                return True
+    return False
+
+
 def drop_reason(trace: TraceRow, filters: FilterSpec, seen: set[tuple[str, str]]) -> str | None:
     """Why a trace is dropped (the first filter it fails), or None to keep it."""
     if len(trace.steps) < filters.min_steps:
@@ -155,6 +169,8 @@ def drop_reason(trace: TraceRow, filters: FilterSpec, seen: set[tuple[str, str]]
         return "too_many_steps"
     if filters.answer_match and final_number(trace.steps) != int(trace.gold_answer):
         return "wrong_answer"
+    if filters.verify_arithmetic and false_equation(trace.steps):
+        return "arithmetic_error"
     if filters.min_step_score is not None and trace.min_step_score < filters.min_step_score:
         return "low_step_score"
     if filters.dedupe and (trace.problem_id, trace.reasoning) in seen:

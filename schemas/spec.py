@@ -154,6 +154,7 @@ class FilterSpec(BaseModel):
     model_config = SECTION
 
     answer_match: bool = Field(True, description="the last number of the last step must equal the gold answer")
+    verify_arithmetic: bool = Field(True, description="every 'a op b = c' in a step must be true (a calculator check)")
     min_step_score: float | None = Field(None, description="drop traces with any step score below this")
     dedupe: bool = Field(True, description="drop exact duplicate reasoning within a problem")
     min_steps: int = Field(1, ge=0)

@@ -16,7 +16,17 @@ import torch
 import yaml
 
 from factory.output import BuildDir, BuildError
-from factory.pipeline import TraceMaker, build, cli_build, filter_traces, final_number, plan_shards, problem_seed, process_shard
+from factory.pipeline import (
+    TraceMaker,
+    build,
+    cli_build,
+    false_equation,
+    filter_traces,
+    final_number,
+    plan_shards,
+    problem_seed,
+    process_shard,
+)
 from factory.sources import synthetic
 from factory.sources.registry import load_problems
 from schemas.arrow import arrow_schema, from_table, to_table
@@ -194,6 +204,8 @@ def trace(problem_id="p", steps=("1 + 1 = 2",), gold="2", scores=(0.0,), reasoni
 def test_filters_count_every_drop_by_reason():
     assert final_number(["3 * 4 = 12"]) == 12 and final_number(["so 1,000 left"]) == 1000 and final_number(["x = -5"]) == -5
     assert final_number([]) is None and final_number(["no number"]) is None
+    assert not false_equation(["6 / 3 = 2", "so 1,000 + 5 = 1,005", "x = 4"]) and false_equation(["3 * 4 = 13"])
+    assert false_equation(["7 / 2 = 3"]) and false_equation(["1 / 0 = 0"])
     traces = [
         trace(),
         trace(),  # same reasoning for the same problem
@@ -202,10 +214,12 @@ def test_filters_count_every_drop_by_reason():
         trace(steps=()),
         trace(steps=("1 = 1", "1 = 1", "1 + 1 = 2"), scores=(0.0, 0.0, 0.0)),
         trace(steps=("2 = 2", "1 + 1 = 2"), scores=(-5.0, 0.0)),
+        trace(steps=("9 / 2 = 30", "21 / 5 = 2"), scores=(0.0, 0.0)),  # ends at the gold answer by luck
     ]
     kept, dropped = filter_traces(traces, FilterSpec(min_step_score=-2.0, max_steps=2))
     assert len(kept) == 2 and [t.problem_id for t in kept] == ["p", "q"]
-    assert dropped == {"duplicate": 1, "wrong_answer": 1, "too_few_steps": 1, "too_many_steps": 1, "low_step_score": 1}
+    expected = {"duplicate": 1, "wrong_answer": 1, "too_few_steps": 1, "too_many_steps": 1, "low_step_score": 1, "arithmetic_error": 1}
+    assert dropped == expected
     assert len(kept) + sum(dropped.values()) == len(traces)
 
 
