@@ -148,11 +148,12 @@ class CanvasSampler:
             active = torch.tensor([o >= 0 for o in owner])
             rows = active.nonzero().squeeze(1)
             t0 = time.perf_counter()
-            logits = self.adapter.logits(ids[rows], attention[rows])[:, region.to(device)].cpu()
+            batch = ids[rows]
+            logits = self.adapter.logits(batch, attention[rows])[:, region.to(device)].cpu()
             logits[..., mask_id] = float("-inf")  # committing a mask would never finish the row
             self.stats["forward_s"] += time.perf_counter() - t0
             self.stats["forward_passes"] += 1
-            current = ids[rows][:, region]
+            current = batch[:, region]
             candidates = current == mask_id
             probs = logits.softmax(-1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
@@ -171,9 +172,8 @@ class CanvasSampler:
                     commit[settled] = candidates[settled]
                 exited[rows[settled]] = True
             current = torch.where(commit, proposal, current)
-            updated = ids[rows]
-            updated[:, region] = current
-            ids[rows] = updated
+            batch[:, region] = current
+            ids[rows] = batch
             steps_taken[rows] += 1
             finished = ~(current == mask_id).any(1)
             if cfg.exit_fill == "answer":
