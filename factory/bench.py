@@ -255,11 +255,10 @@ def _step_values(method: str, scores) -> list[float]:
     return scores.step_scores
 
 
-def summarise(method: str, cases: list[dict], values: list[list[float]], step_values: list[list[float] | None], passes: float) -> dict:
+def summarise(cases: list[dict], values: list[list[float]], step_values: list[list[float] | None], passes: float) -> dict:
     """AUROC of prefix values separating error-free prefixes (positive) from ones holding an error."""
     pos_all, neg_all, pos_part, neg_part = [], [], [], []
     neg_by_kind: dict[str, list[float]] = {k: [] for k in SCORING_KINDS}
-    pos_part_by_problem = []
     first_hits, first_total = 0, 0
     for case, vals, steps in zip(cases, values, step_values):
         n = len(case["steps"])
@@ -270,8 +269,6 @@ def summarise(method: str, cases: list[dict], values: list[list[float]], step_va
                 (neg_part if bad else pos_part).append(v)
                 if bad:
                     neg_by_kind[case["kind"]].append(v)
-                elif case["kind"] == "clean":
-                    pos_part_by_problem.append(v)
         if case["first_error"] is not None and steps:
             first_total += 1
             first_hits += int(min(range(len(steps)), key=steps.__getitem__) == case["first_error"])
@@ -369,12 +366,12 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, batch_s
         }
         for name in names:
             values = [[_prefix_values(name, s, k) for k in range(1, len(c["steps"]) + 1)] for c, s in zip(cases, scores)]
-            methods[name] = summarise(name, cases, values, [_step_values(name, s) for s in scores], passes[name] / total_steps)
+            methods[name] = summarise(cases, values, [_step_values(name, s) for s in scores], passes[name] / total_steps)
     values, passes = med_completion_values(adapter, template, cases, batch_size=64)
-    methods["med_completion"] = summarise("med_completion", cases, values, [None] * len(cases), passes)
+    methods["med_completion"] = summarise(cases, values, [None] * len(cases), passes)
     if rollouts:
         values, passes = rollout_values(adapter, template, cases, rollouts, batch_size=64)
-        methods[f"rollout_{rollouts}"] = summarise("rollout", cases, values, [None] * len(cases), passes)
+        methods[f"rollout_{rollouts}"] = summarise(cases, values, [None] * len(cases), passes)
     return {"traces": len(cases), "by_kind": {k: sum(c["kind"] == k for c in cases) for k in ("clean", *SCORING_KINDS)}, "methods": methods}
 
 

@@ -39,11 +39,10 @@ class TemplateConfig:
 
 @dataclass(frozen=True)
 class Spans:
-    """Absolute positions of the canvas regions in a batch of total length `length`."""
+    """Absolute positions of the canvas regions in a left-padded batch."""
 
     reasoning: slice
     answer: slice
-    length: int
 
 
 class ReasoningTemplate:
@@ -121,7 +120,7 @@ class ReasoningTemplate:
         answer_end = length - len(self.end_ids)
         answer_start = answer_end - self.config.answer_slots
         reasoning_end = answer_start - len(self.delimiter_ids)
-        return Spans(slice(reasoning_end - self.config.reasoning_slots, reasoning_end), slice(answer_start, answer_end), length)
+        return Spans(slice(reasoning_end - self.config.reasoning_slots, reasoning_end), slice(answer_start, answer_end))
 
     def collate(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad rows into (input_ids, attention_mask)."""
