@@ -3,6 +3,7 @@ import random
 import sys
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -41,13 +42,35 @@ def test_corrupted_layout_keeps_the_error_visible(template):
     assert slips >= 3  # about a third of corrupted rows carry a visible arithmetic slip
 
 
+def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
+    maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
+    inputs, _, targets, masked, weights = maker.batch(step=0, size=16, warmup_max_steps=2)
+    spans = template.spans(inputs.shape[1])
+    assert not masked[:, spans.answer].any()  # the answer stays visible
+    filler = targets == template.filler_id
+    assert (weights[masked & filler] == 0).all() and (weights[masked & ~filler] > 0).all()
+    for row in targets[:, spans.reasoning].tolist():
+        assert 1 <= len(template.split_steps(row)) <= 2  # the 6-step weights are overridden
+
+
+def test_masked_fillers_of_a_row_weigh_one_slot(template):
+    maker = train_mdlm.BatchMaker(template, seed=3, mix=(1, 0, 0), step_weights=[1, 0, 0, 0, 0, 0])
+    _, _, targets, masked, weights = maker.batch(step=0, size=16)
+    filler = masked & (targets == template.filler_id)
+    for i in range(16):
+        if filler[i].any() and (masked[i] & ~filler[i]).any():
+            one_slot = weights[i][masked[i] & ~filler[i]][0]
+            assert torch.isclose(weights[i][filler[i]].sum(), one_slot)
+
+
 def test_training_runs_checkpoints_resumes_and_exports(tmp_path):
     out = tmp_path / "run"
-    train_mdlm.main(["--out", str(out), "--steps", "3", "--checkpoint-every", "2", *TINY])
+    # Two warm-up steps, then the full objective: both phases run.
+    train_mdlm.main(["--out", str(out), "--steps", "3", "--checkpoint-every", "2", "--warmup-copy-steps", "2", *TINY])
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and all(r["loss"] > 0 for r in log)
     assert "one_pass_answer_acc" in log[-1]
-    train_mdlm.main(["--out", str(out), "--steps", "5", "--checkpoint-every", "2", *TINY])
+    train_mdlm.main(["--out", str(out), "--steps", "5", "--checkpoint-every", "2", "--warmup-copy-steps", "2", *TINY])
     state = json.loads((out / "hf" / "training_state.json").read_text())
     assert state["step"] == 5
     assert AutoModelForMaskedLM.from_pretrained(out / "hf").config.model_type == "modernbert"
