@@ -318,16 +318,9 @@ def med_completion_values(adapter, template, cases, batch_size: int) -> tuple[li
             end = scorer.visible_end(reasoning, k)
             requests.append(Request(q, reasoning_ids=reasoning[:end] + [adapter.mask_id] * (len(reasoning) - end), key=(c_i, k)))
     results = sampler.run(requests)
-    traces = [
-        Trace(req.question_ids, res.reasoning_ids, template.encode_answer(str(cases[req.key[0]]["problem"].answer)))
-        for req, res in zip(requests, results)
-    ]
     rows = [
-        (
-            template.canvas(t.question_ids, t.reasoning_ids, None),
-            [(j, t.answer_ids[j]) for j in range(scorer.scored_answer_length(t.answer_ids))],
-        )
-        for t in traces
+        scorer.answer_row(req.question_ids, res.reasoning_ids, template.encode_answer(str(cases[req.key[0]]["problem"].answer)))
+        for req, res in zip(requests, results)
     ]
     logps = iter(sum(v) for v in scorer.read_logprobs(rows))
     values = [[next(logps) for _ in range(len(c["steps"]))] for c in cases]

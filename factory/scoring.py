@@ -76,12 +76,17 @@ class StepScorer:
             end = self.visible_end(trace.reasoning_ids, k)
             reasoning = trace.reasoning_ids[:end] + [mask] * (len(trace.reasoning_ids) - end)
             if self.estimator == "marginal":
-                rows.append((tpl.canvas(trace.question_ids, reasoning, None), [(j, trace.answer_ids[j]) for j in range(m)]))
+                rows.append(self.answer_row(trace.question_ids, reasoning, trace.answer_ids))
             else:
                 for j in range(m):
                     answer = trace.answer_ids[:j] + [mask] * (len(trace.answer_ids) - j)
                     rows.append((tpl.canvas(trace.question_ids, reasoning, answer), [(j, trace.answer_ids[j])]))
         return rows
+
+    def answer_row(self, question_ids: list[int], reasoning_ids: list[int], answer_ids: list[int]) -> tuple[list[int], list[tuple]]:
+        """One canvas with the answer masked, and the (answer slot, gold token) pairs read from it in one pass."""
+        scored = range(self.scored_answer_length(answer_ids))
+        return self.template.canvas(question_ids, reasoning_ids, None), [(j, answer_ids[j]) for j in scored]
 
     def consistency_rows(self, trace: Trace, result_only: bool = True) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """One canvas per step with that step's result (tokens after the last '=') or whole step masked."""
