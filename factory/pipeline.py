@@ -41,7 +41,9 @@ from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
 from schemas.spec import BuildSpec, FilterSpec, ModelSpec, SpecError, load_spec
 
 NUMBER = re.compile(r"-?\d[\d,]*")
-EQUATION = re.compile(r"(-?\d[\d,]*)\s*([-+*/×÷])\s*(-?\d[\d,]*)\s*=\s*(-?\d[\d,]*)")
+# 'a op b op ... = c': the whole left-hand chain, so "2 + 3 + 4 = 9" is not read as "3 + 4 = 9".
+EQUATION = re.compile(r"((?:-?\d[\d,]*\s*[-+*/×÷]\s*)+-?\d[\d,]*)\s*=\s*(-?\d[\d,]*)")
+TERM = re.compile(r"(-?\d[\d,]*)\s*([-+*/×÷]?)\s*")
 ACTOR_POOL_START_TIMEOUT_S = 1200
 
 Log = Callable[[str], None]
@@ -150,13 +152,27 @@ def final_number(steps: list[str]) -> int | None:
     return int(numbers[-1].replace(",", "")) if numbers else None
 
 
+def evaluate_chain(expression: str) -> Fraction | None:
+    """Exact value of 'a op b op ...' with the usual precedence; None on division by zero."""
+    multiply = {"*": operator.mul, "×": operator.mul, "/": operator.truediv, "÷": operator.truediv}
+    total, term, pending = Fraction(0), None, "+"
+    for number, op in TERM.findall(expression):
+        value = Fraction(int(number.replace(",", "")))
+        if pending in multiply:
+            if value == 0 and multiply[pending] is operator.truediv:
+                return None
+            term = multiply[pending](term, value)
+        else:
+            total, term = total + (term or 0), value if pending == "+" else -value
+        pending = op
+    return total + term
+
+
 def false_equation(steps: list[str]) -> bool:
-    """Whether any step writes an equation 'a op b = c' that does not hold."""
-    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "×": operator.mul, "/": Fraction, "÷": Fraction}
+    """Whether any step writes an equation 'a op b ... = c' that does not hold."""
     for step in steps:
-        for a, op, b, c in EQUATION.findall(step):
-            a, b, c = (int(x.replace(",", "")) for x in (a, b, c))
-            if op in "/÷" and b == 0 or ops[op](a, b) != c:
+        for expression, result in EQUATION.findall(step):
+            if evaluate_chain(expression) != int(result.replace(",", "")):
                 return True
     return False
 

@@ -206,6 +206,7 @@ def test_filters_count_every_drop_by_reason():
     assert final_number([]) is None and final_number(["no number"]) is None
     assert not false_equation(["6 / 3 = 2", "so 1,000 + 5 = 1,005", "x = 4"]) and false_equation(["3 * 4 = 13"])
     assert false_equation(["7 / 2 = 3"]) and false_equation(["1 / 0 = 0"])
+    assert not false_equation(["2 + 3 + 4 = 9", "10 - 2 * 3 = 4", "8 / 2 / 2 = 2"]) and false_equation(["2 + 3 + 4 = 7"])
     traces = [
         trace(),
         trace(),  # same reasoning for the same problem
