@@ -10,6 +10,10 @@ teach the model what the step scorer asks of it:
   corrupted  the same, but one visible step is wrong and the masked remainder (later steps and the
              answer) is recomputed from the error, so the answer learns to follow the reasoning.
              The wrong step is visible, never a loss target, so the model does not learn to slip.
+  results    every step's result and the answer masked, everything else visible: the arithmetic
+             facts themselves. Under uniform masking a result is mostly masked together with its
+             operands, so the model copies well long before it computes (0.03 answer accuracy
+             after 2,000 steps with operands copied right).
 
 Resumable: `--out DIR` holds checkpoint.pt (model, optimiser, step) and an exported HF model in
 DIR/hf after every checkpoint. Example:
@@ -39,6 +43,7 @@ from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
 
 EPS = 1e-3
 TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
+LAYOUTS = ("uniform", "prefix", "corrupted", "results")
 
 
 def bf16_is_fast() -> bool:
@@ -50,10 +55,11 @@ class BatchMaker:
     """Builds (input_ids, attention, labels, weights) batches; rows depend only on (seed, step)."""
 
     def __init__(
-        self, template: ReasoningTemplate, seed: int, mix: tuple[float, float, float], step_weights: list[float], filler_weight: float = 1.0
+        self, template: ReasoningTemplate, seed: int, mix: tuple[float, ...], step_weights: list[float], filler_weight: float = 1.0
     ):
         self.template, self.seed, self.mix, self.step_weights = template, seed, mix, step_weights
         self.filler_weight = filler_weight
+        self.equals_id = template.tokenizer.convert_tokens_to_ids("=")
         self.config = synthetic.SyntheticConfig(1, 6)
 
     def _problem(self, rng: random.Random, max_steps: int | None) -> synthetic.SyntheticProblem:
@@ -67,7 +73,7 @@ class BatchMaker:
         tpl = self.template
         while True:
             problem = self._problem(rng, warmup_max_steps)
-            layout = "uniform" if warmup else rng.choices(("uniform", "prefix", "corrupted"), weights=self.mix)[0]
+            layout = "uniform" if warmup else rng.choices(LAYOUTS, weights=self.mix)[0]
             steps, answer, first_visible_error = problem.steps, problem.answer, None
             if layout == "corrupted":
                 trace = synthetic.corrupt(problem, rng.choice(TRAIN_KINDS), rng)
@@ -93,6 +99,14 @@ class BatchMaker:
                     masked[p] = True
                 return ids, masked
             step_spans = tpl.step_spans(reasoning)
+            if layout == "results":
+                for start, end in step_spans:
+                    equals = start + reasoning[start:end].index(self.equals_id)
+                    for p in range(spans.reasoning.start + equals + 1, spans.reasoning.start + end):
+                        masked[p] = True
+                for p in range(spans.answer.start, spans.answer.stop):
+                    masked[p] = True
+                return ids, masked
             low = 0 if first_visible_error is None else first_visible_error + 1
             k = rng.randint(low, len(step_spans))
             visible_end = spans.reasoning.start + (step_spans[k][0] if k < len(step_spans) else step_spans[-1][1])
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mix", type=float, nargs=3, default=(0.5, 0.25, 0.25), metavar=("UNIFORM", "PREFIX", "CORRUPTED"))
+    ap.add_argument("--mix", type=float, nargs=4, default=(0.4, 0.2, 0.2, 0.2), metavar=("UNIFORM", "PREFIX", "CORRUPTED", "RESULTS"))
     ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")
     ap.add_argument("--warmup-copy-steps", type=int, default=900, help="steps of the copy warm-up (reasoning tokens only)")
     ap.add_argument("--copy-grow-every", type=int, default=150, help="the warm-up's largest problem grows by one step this often")

@@ -13,7 +13,7 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64
 
 
 def test_layouts_mask_what_the_scorer_reads(template):
-    maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0), step_weights=[0, 0, 1, 1, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
     rng = random.Random(0)
     for _ in range(20):
         ids, masked = maker.row(rng)
@@ -26,7 +26,7 @@ def test_layouts_mask_what_the_scorer_reads(template):
 
 
 def test_corrupted_layout_keeps_the_error_visible(template):
-    maker = train_mdlm.BatchMaker(template, seed=1, mix=(0, 0, 1), step_weights=[0, 1, 1, 1, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=1, mix=(0, 0, 1, 0), step_weights=[0, 1, 1, 1, 0, 0])
     rng, slips = random.Random(1), 0
     for _ in range(20):
         ids, masked = maker.row(rng)
@@ -42,8 +42,24 @@ def test_corrupted_layout_keeps_the_error_visible(template):
     assert slips >= 3  # about a third of corrupted rows carry a visible arithmetic slip
 
 
+def test_results_layout_masks_each_result_and_the_answer_only(template):
+    maker = train_mdlm.BatchMaker(template, seed=4, mix=(0, 0, 0, 1), step_weights=[0, 1, 1, 1, 1, 0])
+    rng = random.Random(4)
+    for _ in range(20):
+        ids, masked = maker.row(rng)
+        spans = template.spans(len(ids))
+        assert all(masked[spans.answer]) and not any(masked[: spans.reasoning.start])
+        reasoning, reasoning_mask = ids[spans.reasoning], masked[spans.reasoning]
+        for start, end in template.step_spans(reasoning):
+            tokens = template.tokenizer.convert_ids_to_tokens(reasoning[start:end])
+            equals = tokens.index("=")
+            assert reasoning_mask[start:end] == [False] * (equals + 1) + [True] * (end - start - equals - 1)
+            assert [t.isdigit() for t in tokens[equals + 1 :]] == [True] * (end - start - equals - 1)
+        assert not any(m for m, t in zip(reasoning_mask, reasoning) if t == template.filler_id)
+
+
 def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
+    maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
     inputs, _, targets, masked, weights = maker.batch(step=0, size=16, warmup_max_steps=2)
     spans = template.spans(inputs.shape[1])
     assert not masked[:, spans.answer].any()  # the answer stays visible
@@ -54,7 +70,7 @@ def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
 
 
 def test_masked_fillers_of_a_row_weigh_one_slot(template):
-    maker = train_mdlm.BatchMaker(template, seed=3, mix=(1, 0, 0), step_weights=[1, 0, 0, 0, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=3, mix=(1, 0, 0, 0), step_weights=[1, 0, 0, 0, 0, 0])
     _, _, targets, masked, weights = maker.batch(step=0, size=16)
     filler = masked & (targets == template.filler_id)
     for i in range(16):
