@@ -91,10 +91,12 @@ def scatter_plot(path: Path, points: dict[str, tuple[float, float]], xlabel: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, (x, y) in points.items():
-        ax.scatter(x, y)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors, markers = plt.get_cmap("tab20").colors, "os^Dv<>P"
+    # A legend, not labels at the points: settings with equal figures would print over each other.
+    for i, (name, (x, y)) in enumerate(points.items()):
+        ax.scatter(x, y, color=colors[i % len(colors)], marker=markers[i % len(markers)], s=40, label=name)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
