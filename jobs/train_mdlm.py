@@ -144,6 +144,22 @@ class BatchMaker:
         return inputs, attention, ids, masked, weights
 
 
+def init_fourier_numbers(model, tokenizer, periods: tuple[int, ...] = (10, 100, 1000)) -> None:
+    """Write cos/sin(2 pi n / T) of each number token's value n into the first embedding dims.
+
+    Number tokens are atomic, so a fresh embedding knows nothing of magnitude and every sum is a
+    separate fact to memorise. With these features (Fourier number embeddings, as in FoNE) the
+    value of n mod 10, mod 100 and mod 1000 is linear in the embedding, and the tied output layer
+    can read a result the same way; a sum's features are products of the operands' (GLU-friendly).
+    """
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, index in tokenizer.get_vocab().items():
+            if token.isdigit():
+                angles = torch.tensor([2 * math.pi * int(token) / t for t in periods])
+                weight[index, : 2 * len(periods)] = torch.cat([angles.cos(), angles.sin()])
+
+
 def response_slots(template: ReasoningTemplate) -> int:
     return template.config.reasoning_slots + template.config.answer_slots
 
@@ -180,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--copy-grow-every", type=int, default=150, help="the warm-up's largest problem grows by one step this often")
     ap.add_argument("--filler-weight", type=float, default=1.0, help="weight of a row's masked filler slots together, in slots")
     ap.add_argument("--rewarm", type=int, default=100, help="linear lr warm-up again over this many steps after the copy warm-up")
+    ap.add_argument(
+        "--fourier-numbers", action="store_true", help="write Fourier features of each number's value into its embedding before training"
+    )
     ap.add_argument("--init-from", type=Path, help="start from an exported model (e.g. the shipped one)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
@@ -201,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tokenizer = build_tokenizer()
         model = ModernBertForMaskedLM(embedded_config(tokenizer, args.hidden, args.layers, args.heads, args.intermediate))
+    if args.fourier_numbers:  # on a trained model it overwrites those dims, and training re-learns around them
+        init_fourier_numbers(model, tokenizer)
     template = ReasoningTemplate(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, elapsed = 0, 0.0

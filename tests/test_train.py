@@ -91,3 +91,17 @@ def test_training_runs_checkpoints_resumes_and_exports(tmp_path):
     assert state["step"] == 5
     assert AutoModelForMaskedLM.from_pretrained(out / "hf").config.model_type == "modernbert"
     assert AutoTokenizer.from_pretrained(out / "hf").mask_token == "[MASK]"
+
+
+def test_fourier_numbers_write_each_value_into_its_embedding(tokenizer):
+    model = train_mdlm.ModernBertForMaskedLM(train_mdlm.embedded_config(tokenizer, 32, 1, 2, 64))
+    train_mdlm.init_fourier_numbers(model, tokenizer)
+    weight = model.get_input_embeddings().weight
+    angle = lambda n, t: torch.tensor(2 * torch.pi * n / t)  # noqa: E731
+    for n in ("7", "42", "999"):
+        row = weight[tokenizer.convert_tokens_to_ids(n), :6]
+        expected = torch.stack([angle(int(n), t).cos() for t in (10, 100, 1000)] + [angle(int(n), t).sin() for t in (10, 100, 1000)])
+        assert torch.allclose(row, expected, atol=1e-5)
+    # 42 and 52 agree mod 10 only: their period-10 features match, the period-100 ones do not.
+    a, b = (weight[tokenizer.convert_tokens_to_ids(n), :6] for n in ("42", "52"))
+    assert torch.allclose(a[[0, 3]], b[[0, 3]], atol=1e-5) and not torch.allclose(a[[1, 4]], b[[1, 4]], atol=1e-2)
