@@ -58,6 +58,20 @@ def test_results_layout_masks_each_result_and_the_answer_only(template):
         assert not any(m for m, t in zip(reasoning_mask, reasoning) if t == template.filler_id)
 
 
+def test_drill_rows_pack_several_problems_results_masked(template):
+    maker = train_mdlm.BatchMaker(template, seed=5, mix=(1, 0, 0, 0), step_weights=[1, 2, 3, 3, 1.5, 1])
+    rng = random.Random(5)
+    for _ in range(10):
+        ids, masked = maker.drill_row(rng)
+        spans = template.spans(len(ids))
+        steps = template.split_steps(ids[spans.reasoning])
+        assert len(steps) >= 4  # several problems' steps share one region
+        assert all(eval(s.split(" = ")[0]) == int(s.split(" = ")[1]) for s in steps)  # noqa: S307
+        assert template.parse_answer(ids[spans.answer]) == steps[-1].split(" = ")[1]
+        assert sum(masked[spans.reasoning]) == len(steps) and all(masked[spans.answer])
+        assert not any(masked[: spans.reasoning.start])
+
+
 def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
     maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
     inputs, _, targets, masked, weights = maker.batch(step=0, size=16, warmup_max_steps=2)
@@ -81,8 +95,8 @@ def test_masked_fillers_of_a_row_weigh_one_slot(template):
 
 def test_training_runs_checkpoints_resumes_and_exports(tmp_path):
     out = tmp_path / "run"
-    # Two warm-up steps, then the full objective: both phases run.
-    train_mdlm.main(["--out", str(out), "--steps", "3", "--checkpoint-every", "2", "--warmup-copy-steps", "2", *TINY])
+    # Two warm-up steps, then the full objective (step 2 a drill batch): every phase runs.
+    train_mdlm.main(["--out", str(out), "--steps", "3", "--checkpoint-every", "2", "--warmup-copy-steps", "2", "--drill-every", "2", *TINY])
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and all(r["loss"] > 0 for r in log)
     assert "one_pass_answer_acc" in log[-1]
