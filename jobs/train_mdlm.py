@@ -14,6 +14,9 @@ teach the model what the step scorer asks of it:
              facts themselves. Under uniform masking a result is mostly masked together with its
              operands, so the model copies well long before it computes (0.03 answer accuracy
              after 2,000 steps with operands copied right).
+Two aids for the arithmetic: `--drill-every N` makes every Nth batch a drill (results layout over
+several problems' steps packed under a short question), and `--fourier-numbers` writes each
+number's value into its embedding (see `init_fourier_numbers`).
 
 Resumable: `--out DIR` holds checkpoint.pt (model, optimiser, step) and an exported HF model in
 DIR/hf after every checkpoint. Example:
