@@ -40,10 +40,11 @@ from factory.template import ReasoningTemplate
 from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
 from schemas.spec import BuildSpec, FilterSpec, ModelSpec, SpecError, load_spec
 
-NUMBER = re.compile(r"-?\d[\d,]*")
+_NUMBER, _OP = r"-?\d[\d,]*", r"[-+*/×÷]"  # a number may carry thousands commas
+NUMBER = re.compile(_NUMBER)
 # 'a op b op ... = c': the whole left-hand chain, so "2 + 3 + 4 = 9" is not read as "3 + 4 = 9".
-EQUATION = re.compile(r"((?:-?\d[\d,]*\s*[-+*/×÷]\s*)+-?\d[\d,]*)\s*=\s*(-?\d[\d,]*)")
-TERM = re.compile(r"(-?\d[\d,]*)\s*([-+*/×÷]?)\s*")
+EQUATION = re.compile(rf"((?:{_NUMBER}\s*{_OP}\s*)+{_NUMBER})\s*=\s*({_NUMBER})")
+TERM = re.compile(rf"({_NUMBER})\s*({_OP}?)\s*")
 ACTOR_POOL_START_TIMEOUT_S = 1200
 
 Log = Callable[[str], None]
