@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mix", type=float, nargs=4, default=(0.4, 0.2, 0.2, 0.2), metavar=("UNIFORM", "PREFIX", "CORRUPTED", "RESULTS"))
+    ap.add_argument("--mix", type=float, nargs=4, default=(0.3, 0.15, 0.2, 0.35), metavar=("UNIFORM", "PREFIX", "CORRUPTED", "RESULTS"))
     ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")
     ap.add_argument("--warmup-copy-steps", type=int, default=900, help="steps of the copy warm-up (reasoning tokens only)")
     ap.add_argument("--copy-grow-every", type=int, default=150, help="the warm-up's largest problem grows by one step this often")
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--fourier-numbers", action="store_true", help="write Fourier features of each number's value into its embedding before training"
     )
-    ap.add_argument("--drill-every", type=int, default=0, help="after the warm-up, every Nth batch is an arithmetic drill (0: none)")
+    ap.add_argument("--drill-every", type=int, default=2, help="after the warm-up, every Nth batch is an arithmetic drill (0: none)")
     ap.add_argument("--init-from", type=Path, help="start from an exported model (e.g. the shipped one)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
