@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                 "loss": round(loss.item(), 4),
                 "masked_acc": round(hits.float().mean().item(), 4),
                 "number_acc": round(hits[is_number].float().mean().item(), 4),
+                "drill": drill,  # drill batches score lower: every target is a result
                 "elapsed_s": round(time.time() - t0, 1),
             }
             if checkpoint_now:
