@@ -11,12 +11,19 @@ teach the model what the step scorer asks of it:
              answer) is recomputed from the error, so the answer learns to follow the reasoning.
              The wrong step is visible, never a loss target, so the model does not learn to slip.
   results    every step's result and the answer masked, everything else visible: the arithmetic
-             facts themselves. Under uniform masking a result is mostly masked together with its
-             operands, so the model copies well long before it computes (0.03 answer accuracy
-             after 2,000 steps with operands copied right).
-Two aids for the arithmetic: `--drill-every N` makes every Nth batch a drill (results layout over
-several problems' steps packed under a short question), and `--fourier-numbers` writes each
-number's value into its embedding (see `init_fourier_numbers`).
+             facts themselves, the state the self-consistency scorer reads. Under uniform masking a
+             result is mostly masked together with its operands, so the model copies well long
+             before it computes (0.03 answer accuracy after 2,000 steps with operands copied right).
+             A later step names an earlier result as its operand, so only the last one must be
+             computed here; the others can be copied from further on.
+  next_result the state of left-to-right decoding at a result: the question, the first k steps and
+             step k+1 up to its '=' visible, everything after masked; the loss is on that result
+             alone. It cannot be copied from anywhere: 41 of 43 wrong answers of the stage-3 model
+             (48 problems decoded left to right) were arithmetic slips, its results-layout
+             accuracy 0.84 flattered by the copies.
+Two aids for the arithmetic: `--drill-every N` makes every Nth batch a drill (one step from each of
+several problems packed under a short question, results masked), and `--fourier-numbers` writes
+each number's value into its embedding (see `init_fourier_numbers`).
 
 Resumable: `--out DIR` holds checkpoint.pt (model, optimiser, step) and an exported HF model in
 DIR/hf after every checkpoint. Example:
@@ -46,7 +53,7 @@ from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
 
 EPS = 1e-3
 TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
-LAYOUTS = ("uniform", "prefix", "corrupted", "results")
+LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result")
 
 
 def bf16_is_fast() -> bool:
@@ -70,8 +77,9 @@ class BatchMaker:
         steps = rng.randint(1, max_steps) if max_steps else rng.choices(range(1, 7), weights=self.step_weights)[0]
         return synthetic.make_problem(rng, steps, self.config)
 
-    def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> tuple[list[int], list[bool]]:
-        """One canvas and which of its slots are masked. Warm-up rows mask reasoning only (uniform layout)."""
+    def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> tuple[list[int], list[bool], list[bool]]:
+        """One canvas, which of its slots are masked and which of those carry loss (all of them but
+        in the next_result layout). Warm-up rows mask reasoning only (uniform layout)."""
         warmup = warmup_max_steps is not None
         tpl = self.template
         while True:
@@ -100,16 +108,23 @@ class BatchMaker:
                 chosen = [p for p in response if rng.random() < t] or [rng.choice(response)]
                 for p in chosen:
                     masked[p] = True
-                return ids, masked
+                return ids, masked, masked
             if layout == "results":
-                return ids, self._mask_results(ids, reasoning)
+                masked = self._mask_results(ids, reasoning)
+                return ids, masked, masked
             step_spans = tpl.step_spans(reasoning)
+            if layout == "next_result":
+                start, end = rng.choice(step_spans)
+                result_start = spans.reasoning.start + start + reasoning[start:end].index(self.equals_id) + 1
+                masked = [p >= result_start and p in response for p in range(len(ids))]
+                loss = [result_start <= p < spans.reasoning.start + end for p in range(len(ids))]
+                return ids, masked, loss
             low = 0 if first_visible_error is None else first_visible_error + 1
             k = rng.randint(low, len(step_spans))
             visible_end = spans.reasoning.start + (step_spans[k][0] if k < len(step_spans) else step_spans[-1][1])
             for p in response:
                 masked[p] = p >= visible_end
-            return ids, masked
+            return ids, masked, masked
 
     def _mask_results(self, ids: list[int], reasoning: list[int]) -> list[bool]:
         """Every step's result (the tokens after '=') and the answer masked, nothing else."""
@@ -122,14 +137,15 @@ class BatchMaker:
             masked[p] = True
         return masked
 
-    def drill_row(self, rng: random.Random) -> tuple[list[int], list[bool]]:
-        """Arithmetic drill: the steps of several problems packed into one reasoning region under a
-        short question, results masked: about six facts in a row half as long as a problem's
-        (measured: 58 against 118 tokens per batch, 9.6 masked slots per row)."""
+    def drill_row(self, rng: random.Random) -> tuple[list[int], list[bool], list[bool]]:
+        """Arithmetic drill: one step from each of several problems packed into one reasoning region
+        under a short question, results masked: many facts in a row shorter than a problem's. One
+        step per problem, so no visible step names another's result (stage 3 packed whole problems,
+        and a later step gave the earlier result away)."""
         tpl, steps = self.template, []
         question = tpl.encode_question("How many" + self._problem(rng, None).question.split("How many")[-1])
-        for _ in range(8):  # keep adding problems' steps while they fit
-            candidate = [*steps, *self._problem(rng, None).steps]
+        for _ in range(12):  # keep adding steps while they fit
+            candidate = [*steps, rng.choice(self._problem(rng, None).steps)]
             try:
                 tpl.encode_reasoning(candidate)
             except TemplateError:
@@ -137,7 +153,8 @@ class BatchMaker:
             steps = candidate
         reasoning = tpl.encode_reasoning(steps)
         ids = tpl.canvas(question, reasoning, tpl.encode_answer(steps[-1].split(" = ")[1]))
-        return ids, self._mask_results(ids, reasoning)
+        masked = self._mask_results(ids, reasoning)
+        return ids, masked, masked
 
     def batch(self, step: int, size: int, warmup_max_steps: int | None = None, drill: bool = False):
         rng = random.Random(f"train:{self.seed}:{step}")
@@ -146,15 +163,18 @@ class BatchMaker:
         ids, attention = self.template.collate([r[0] for r in rows])
         length = ids.shape[1]
         masked = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (row, row_mask) in enumerate(rows):
+        loss = torch.zeros_like(masked)
+        for i, (row, row_mask, row_loss) in enumerate(rows):
             masked[i, length - len(row) :] = torch.tensor(row_mask)
+            loss[i, length - len(row) :] = torch.tensor(row_loss)
         # 1/t with t the realised mask ratio: every row contributes its mean masked-slot loss.
-        weights = (response_slots(self.template) / masked.sum(1).clamp(min=1).float()).unsqueeze(1).expand(ids.shape).clone()
+        weights = (response_slots(self.template) / loss.sum(1).clamp(min=1).float()).unsqueeze(1).expand(ids.shape).clone()
+        weights = torch.where(loss, weights, 0.0)
         # The masked filler slots of a row share the weight of one slot. Counted one by one they are
         # most of the targets (35 of 40 slots in a 1-step trace), and a fresh model then learns the
         # canvas but never copies an operand: measured number accuracy 0.03 after 300 steps, against
         # 0.65 with the filler out of the loss.
-        filler = masked & (ids == self.template.filler_id)
+        filler = loss & (ids == self.template.filler_id)
         filler_count = filler.sum(1, keepdim=True).clamp(min=1).float()
         weights = torch.where(filler, weights * self.filler_weight / filler_count, weights)
         if warmup:
@@ -215,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mix", type=float, nargs=4, default=(0.3, 0.15, 0.2, 0.35), metavar=("UNIFORM", "PREFIX", "CORRUPTED", "RESULTS"))
+    ap.add_argument("--mix", type=float, nargs=5, default=(0.25, 0.15, 0.15, 0.15, 0.3), metavar=tuple(name.upper() for name in LAYOUTS))
     ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")
     ap.add_argument("--warmup-copy-steps", type=int, default=900, help="steps of the copy warm-up (reasoning tokens only)")
     ap.add_argument("--copy-grow-every", type=int, default=150, help="the warm-up's largest problem grows by one step this often")

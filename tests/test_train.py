@@ -13,10 +13,10 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64
 
 
 def test_layouts_mask_what_the_scorer_reads(template):
-    maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
     rng = random.Random(0)
     for _ in range(20):
-        ids, masked = maker.row(rng)
+        ids, masked, _ = maker.row(rng)
         spans = template.spans(len(ids))
         region = list(range(spans.reasoning.start, spans.reasoning.stop)) + list(range(spans.answer.start, spans.answer.stop))
         flags = [masked[p] for p in region]
@@ -26,10 +26,10 @@ def test_layouts_mask_what_the_scorer_reads(template):
 
 
 def test_corrupted_layout_keeps_the_error_visible(template):
-    maker = train_mdlm.BatchMaker(template, seed=1, mix=(0, 0, 1, 0), step_weights=[0, 1, 1, 1, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=1, mix=(0, 0, 1, 0, 0), step_weights=[0, 1, 1, 1, 0, 0])
     rng, slips = random.Random(1), 0
     for _ in range(20):
-        ids, masked = maker.row(rng)
+        ids, masked, _ = maker.row(rng)
         spans = template.spans(len(ids))
         visible = [t for t, m in zip(ids[spans.reasoning], masked[spans.reasoning]) if not m]
         steps = template.split_steps(visible + [template.filler_id])
@@ -43,10 +43,10 @@ def test_corrupted_layout_keeps_the_error_visible(template):
 
 
 def test_results_layout_masks_each_result_and_the_answer_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=4, mix=(0, 0, 0, 1), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.BatchMaker(template, seed=4, mix=(0, 0, 0, 1, 0), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(4)
     for _ in range(20):
-        ids, masked = maker.row(rng)
+        ids, masked, _ = maker.row(rng)
         spans = template.spans(len(ids))
         assert all(masked[spans.answer]) and not any(masked[: spans.reasoning.start])
         reasoning, reasoning_mask = ids[spans.reasoning], masked[spans.reasoning]
@@ -58,14 +58,35 @@ def test_results_layout_masks_each_result_and_the_answer_only(template):
         assert not any(m for m, t in zip(reasoning_mask, reasoning) if t == template.filler_id)
 
 
+def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
+    maker = train_mdlm.BatchMaker(template, seed=6, mix=(0, 0, 0, 0, 1), step_weights=[0, 1, 1, 1, 1, 0])
+    rng = random.Random(6)
+    for _ in range(20):
+        ids, masked, loss = maker.row(rng)
+        spans = template.spans(len(ids))
+        region = list(range(spans.reasoning.start, spans.reasoning.stop)) + list(range(spans.answer.start, spans.answer.stop))
+        flags = [masked[p] for p in region]
+        assert any(flags) and flags == sorted(flags)  # a visible prefix, then everything masked
+        assert not any(masked[: spans.reasoning.start]) and masked.count(True) == flags.count(True)
+        cut = masked.index(True)
+        assert template.tokenizer.convert_ids_to_tokens(ids[cut - 1]) == "="
+        targets = [p for p in range(len(ids)) if loss[p]]
+        assert targets == list(range(cut, targets[-1] + 1))  # the loss is on this result alone
+        assert all(template.tokenizer.convert_ids_to_tokens(ids[p]).isdigit() for p in targets)
+        assert not template.tokenizer.convert_ids_to_tokens(ids[targets[-1] + 1]).isdigit()
+    _, _, targets, masked, weights = maker.batch(step=0, size=8)
+    assert (weights[masked] > 0).sum() < masked.sum()  # the masked future carries no loss
+    assert torch.isclose(weights.sum(), torch.tensor(8.0 * train_mdlm.response_slots(template)))
+
+
 def test_drill_rows_pack_several_problems_results_masked(template):
-    maker = train_mdlm.BatchMaker(template, seed=5, mix=(1, 0, 0, 0), step_weights=[1, 2, 3, 3, 1.5, 1])
+    maker = train_mdlm.BatchMaker(template, seed=5, mix=(1, 0, 0, 0, 0), step_weights=[1, 2, 3, 3, 1.5, 1])
     rng = random.Random(5)
     for _ in range(10):
-        ids, masked = maker.drill_row(rng)
+        ids, masked, _ = maker.drill_row(rng)
         spans = template.spans(len(ids))
         steps = template.split_steps(ids[spans.reasoning])
-        assert len(steps) >= 4  # several problems' steps share one region
+        assert len(steps) >= 6  # one step from each of several problems shares one region
         assert all(eval(s.split(" = ")[0]) == int(s.split(" = ")[1]) for s in steps)  # noqa: S307
         assert template.parse_answer(ids[spans.answer]) == steps[-1].split(" = ")[1]
         assert sum(masked[spans.reasoning]) == len(steps) and all(masked[spans.answer])
@@ -73,7 +94,7 @@ def test_drill_rows_pack_several_problems_results_masked(template):
 
 
 def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
+    maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
     inputs, _, targets, masked, weights = maker.batch(step=0, size=16, warmup_max_steps=2)
     spans = template.spans(inputs.shape[1])
     assert not masked[:, spans.answer].any()  # the answer stays visible
@@ -84,7 +105,7 @@ def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
 
 
 def test_masked_fillers_of_a_row_weigh_one_slot(template):
-    maker = train_mdlm.BatchMaker(template, seed=3, mix=(1, 0, 0, 0), step_weights=[1, 0, 0, 0, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=3, mix=(1, 0, 0, 0, 0), step_weights=[1, 0, 0, 0, 0, 0])
     _, _, targets, masked, weights = maker.batch(step=0, size=16)
     filler = masked & (targets == template.filler_id)
     for i in range(16):
