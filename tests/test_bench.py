@@ -25,17 +25,22 @@ def test_sections_are_replaced_not_appended(tmp_path):
 
 def test_sampler_bench_reports_every_setting(tiny_adapter, template):
     problems = generate(4, seed=5, config=SyntheticConfig(2, 4))
-    settings = {k: bench.SAMPLER_SETTINGS[k] for k in ("left_to_right", "med_prefix0.3+ee0.1", "eb1.0")}
+    settings = {k: bench.SAMPLER_SETTINGS[k] for k in ("left_to_right", "entropy", "med_prefix0.3+ee0.1", "eb1.0")}
     rules = bench.bench_samplers(tiny_adapter, template, problems, settings, batch_size=4)
     assert set(rules) == set(settings)
     for r in rules.values():
         assert {"accuracy", "mean_nfe", "nfe_ratio_vs_one_per_step", "wall_s", "traces_per_s"} <= set(r)
+        expected = 100 * (r["accuracy"] - rules["entropy"]["accuracy"])
+        assert r["accuracy_delta_vs_entropy_pt"] == pytest.approx(expected, abs=0.01)
     assert rules["left_to_right"]["nfe_ratio_vs_one_per_step"] == 1.0
     batching = bench.batching_comparison(tiny_adapter, template, problems, "med_prefix0.3+ee0.1", batch_size=2)
     assert batching["static"]["traces_per_s"] > 0 and batching["continuous"]["traces_per_s"] > 0
     # Refilling a slot as soon as its row finishes never needs more batch calls than waiting for the batch.
     assert batching["continuous"]["forward_passes"] <= batching["static"]["forward_passes"]
     assert batching["forward_call_ratio"] >= 1.0
+    report = {"n": 4, "seed": 5, "model": "tiny", "batch_size": 4, "rules": rules, "batching": batching}
+    table = bench.samplers_markdown(report, "plot.png")
+    assert all(f"| {name} |" in table for name in settings) and "accuracy_delta_vs_entropy_pt" in table
 
 
 def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
