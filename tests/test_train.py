@@ -71,9 +71,9 @@ def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
         cut = masked.index(True)
         assert template.tokenizer.convert_ids_to_tokens(ids[cut - 1]) == "="
         targets = [p for p in range(len(ids)) if loss[p]]
-        assert targets == list(range(cut, targets[-1] + 1))  # the loss is on this result alone
-        assert all(template.tokenizer.convert_ids_to_tokens(ids[p]).isdigit() for p in targets)
-        assert not template.tokenizer.convert_ids_to_tokens(ids[targets[-1] + 1]).isdigit()
+        assert targets == list(range(cut, targets[-1] + 1))  # this result and the token after it
+        assert all(template.tokenizer.convert_ids_to_tokens(ids[p]).isdigit() for p in targets[:-1])
+        assert ids[targets[-1]] in (template.filler_id, template.separator_ids[0])  # go on, or stop
     _, _, targets, masked, weights = maker.batch(step=0, size=8)
     assert (weights[masked] > 0).sum() < masked.sum()  # the masked future carries no loss
     assert torch.isclose(weights.sum(), torch.tensor(8.0 * train_mdlm.response_slots(template)))
