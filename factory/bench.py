@@ -143,12 +143,10 @@ def bench_samplers(adapter, template, problems, settings=SAMPLER_SETTINGS, batch
             "traces_per_s": round(len(problems) / wall, 2),
             "outside_forward_share": round(1 - sampler.stats["forward_s"] / sampler.stats["total_s"], 4),
         }
-    base = rules.get(BASELINE)
+    base, entropy = rules.get(BASELINE), rules.get(ENTROPY_BASELINE)
     for r in rules.values():
         r["nfe_ratio_vs_one_per_step"] = round(base["mean_nfe"] / r["mean_nfe"], 3) if base else None
         r["accuracy_delta_pt"] = round(100 * (r["accuracy"] - base["accuracy"]), 2) if base else None
-    entropy = rules.get(ENTROPY_BASELINE)
-    for r in rules.values():
         r["accuracy_delta_vs_entropy_pt"] = round(100 * (r["accuracy"] - entropy["accuracy"]), 2) if entropy else None
     return rules
 

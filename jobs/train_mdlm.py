@@ -115,20 +115,21 @@ class BatchMaker:
                 masked = self._mask_results(ids, reasoning)
                 return ids, masked, masked
             step_spans = tpl.step_spans(reasoning)
-            if layout == "next_result":
+            if layout == "next_result":  # cut inside a step, just after its '='
                 start, end = rng.choice(step_spans)
-                result_start = spans.reasoning.start + start + reasoning[start:end].index(self.equals_id) + 1
-                masked = [p >= result_start and p in response for p in range(len(ids))]
-                # The result and the token after it: the next step's separator or the end filler,
-                # where left-to-right decoding decides whether the reasoning goes on.
-                loss = [result_start <= p <= spans.reasoning.start + end and masked[p] for p in range(len(ids))]
-                return ids, masked, loss
-            low = 0 if first_visible_error is None else first_visible_error + 1
-            k = rng.randint(low, len(step_spans))
-            visible_end = spans.reasoning.start + (step_spans[k][0] if k < len(step_spans) else step_spans[-1][1])
+                visible_end = spans.reasoning.start + start + reasoning[start:end].index(self.equals_id) + 1
+            else:
+                low = 0 if first_visible_error is None else first_visible_error + 1
+                k = rng.randint(low, len(step_spans))
+                visible_end = spans.reasoning.start + (step_spans[k][0] if k < len(step_spans) else step_spans[-1][1])
             for p in response:
                 masked[p] = p >= visible_end
-            return ids, masked, masked
+            if layout != "next_result":
+                return ids, masked, masked
+            # The result and the token after it: the next step's separator or the end filler,
+            # where left-to-right decoding decides whether the reasoning goes on.
+            loss = [visible_end <= p <= spans.reasoning.start + end and masked[p] for p in range(len(ids))]
+            return ids, masked, loss
 
     def _mask_results(self, ids: list[int], reasoning: list[int]) -> list[bool]:
         """Every step's result (the tokens after '=') and the answer masked, nothing else."""

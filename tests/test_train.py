@@ -12,14 +12,18 @@ import train_mdlm  # noqa: E402
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64", "--batch-size", "4", "--threads", "1"]
 
 
+def response_flags(spans, masked: list[bool]) -> list[bool]:
+    """The mask over the reasoning and answer slots, in canvas order."""
+    return masked[spans.reasoning] + masked[spans.answer]
+
+
 def test_layouts_mask_what_the_scorer_reads(template):
     maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
     rng = random.Random(0)
     for _ in range(20):
         ids, masked, _ = maker.row(rng)
         spans = template.spans(len(ids))
-        region = list(range(spans.reasoning.start, spans.reasoning.stop)) + list(range(spans.answer.start, spans.answer.stop))
-        flags = [masked[p] for p in region]
+        flags = response_flags(spans, masked)
         assert any(flags)
         assert flags == sorted(flags)  # a visible prefix, then everything masked (answer included)
         assert not any(masked[: spans.reasoning.start])  # the question is never masked
@@ -64,8 +68,7 @@ def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
     for _ in range(20):
         ids, masked, loss = maker.row(rng)
         spans = template.spans(len(ids))
-        region = list(range(spans.reasoning.start, spans.reasoning.stop)) + list(range(spans.answer.start, spans.answer.stop))
-        flags = [masked[p] for p in region]
+        flags = response_flags(spans, masked)
         assert any(flags) and flags == sorted(flags)  # a visible prefix, then everything masked
         assert not any(masked[: spans.reasoning.start]) and masked.count(True) == flags.count(True)
         cut = masked.index(True)
