@@ -23,6 +23,11 @@ teach the model what the step scorer asks of it:
              (48 problems decoded left to right) were arithmetic slips, its results-layout
              accuracy 0.84 flattered by the copies; the stage-4 model, trained on the result
              alone, stopped 39 of 96 traces early, after a correct intermediate result.
+  next_token the same state at any token of a step up to its result (an operand, the operator):
+             the loss is on the rest of that step and the token after it. 14 of the stage-5
+             model's 39 wrong answers (96 problems) copied an earlier result wrongly, mostly one
+             from two steps back (66 for 67, 31 for 41), a choice no other layout trains in the
+             state decoding makes it in.
 Two aids for the arithmetic: `--drill-every N` makes every Nth batch a drill (one step from each of
 several problems packed under a short question, results masked), and `--fourier-numbers` writes
 each number's value into its embedding (see `init_fourier_numbers`).
@@ -55,7 +60,7 @@ from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
 
 EPS = 1e-3
 TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
-LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result")
+LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result", "next_token")
 
 
 def bf16_is_fast() -> bool:
@@ -81,7 +86,7 @@ class BatchMaker:
 
     def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> tuple[list[int], list[bool], list[bool]]:
         """One canvas, which of its slots are masked and which of those carry loss (all of them but
-        in the next_result layout). Warm-up rows mask reasoning only (uniform layout)."""
+        in the next_result and next_token layouts). Warm-up rows mask reasoning only (uniform layout)."""
         warmup = warmup_max_steps is not None
         tpl = self.template
         while True:
@@ -115,18 +120,20 @@ class BatchMaker:
                 masked = self._mask_results(ids, reasoning)
                 return ids, masked, masked
             step_spans = tpl.step_spans(reasoning)
-            if layout == "next_result":  # cut inside a step, just after its '='
+            if layout in ("next_result", "next_token"):  # cut inside a step: after its '=', or anywhere up to it
                 start, end = rng.choice(step_spans)
-                visible_end = spans.reasoning.start + start + reasoning[start:end].index(self.equals_id) + 1
+                equals = reasoning[start:end].index(self.equals_id)
+                offset = equals + 1 if layout == "next_result" else rng.randint(0, equals + 1)
+                visible_end = spans.reasoning.start + start + offset
             else:
                 low = 0 if first_visible_error is None else first_visible_error + 1
                 k = rng.randint(low, len(step_spans))
                 visible_end = spans.reasoning.start + (step_spans[k][0] if k < len(step_spans) else step_spans[-1][1])
             for p in response:
                 masked[p] = p >= visible_end
-            if layout != "next_result":
+            if layout not in ("next_result", "next_token"):
                 return ids, masked, masked
-            # The result and the token after it: the next step's separator or the end filler,
+            # The rest of the step and the token after it: the next step's separator or the end filler,
             # where left-to-right decoding decides whether the reasoning goes on.
             loss = [visible_end <= p <= spans.reasoning.start + end and masked[p] for p in range(len(ids))]
             return ids, masked, loss
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mix", type=float, nargs=5, default=(0.25, 0.15, 0.15, 0.15, 0.3), metavar=tuple(name.upper() for name in LAYOUTS))
+    ap.add_argument("--mix", type=float, nargs=6, default=(0.2, 0.15, 0.1, 0.1, 0.2, 0.25), metavar=tuple(name.upper() for name in LAYOUTS))
     ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")
     ap.add_argument("--warmup-copy-steps", type=int, default=900, help="steps of the copy warm-up (reasoning tokens only)")
     ap.add_argument("--copy-grow-every", type=int, default=150, help="the warm-up's largest problem grows by one step this often")
