@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from factory.models.adapter import ModelAdapter
@@ -27,9 +27,14 @@ def accuracy_report(problems: list[synthetic.SyntheticProblem], answers: list[st
 
 
 def evaluate(sampler: CanvasSampler, problems: list[synthetic.SyntheticProblem]) -> dict:
+    """Accuracy, plus each wrong answer's cause at its first step that differs from the gold steps."""
     results = sampler.generate([p.question for p in problems])
     answers = [sampler.template.parse_answer(r.answer_ids) for r in results]
-    return accuracy_report(problems, answers, [r.nfe for r in results])
+    causes = Counter(
+        synthetic.classify_decoding(p, sampler.template.split_steps(r.reasoning_ids), a) for p, r, a in zip(problems, results, answers)
+    )
+    errors = {kind: causes[kind] for kind in synthetic.DECODING_ERRORS}
+    return {**accuracy_report(problems, answers, [r.nfe for r in results]), "errors": errors}
 
 
 def cli_eval(argv: list[str]) -> None:

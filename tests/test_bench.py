@@ -57,3 +57,4 @@ def test_eval_command_writes_the_report(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["n"] == 6 and 0 <= report["accuracy"] <= 1 and report["mean_nfe"] > 0
     assert set(report["accuracy_by_steps"]) <= {"2", "3", "4"}
+    assert sum(report["errors"].values()) == round(report["n"] * (1 - report["accuracy"]))  # every miss has a cause

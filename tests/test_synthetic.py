@@ -65,3 +65,17 @@ def test_forced_result_propagates():
             assert forced[0] == p.results[0] + 1 and forced[-1] != p.results[-1]
             return
     raise AssertionError("no problem admitted the forced value")
+
+
+def test_decoding_errors_are_classified_at_the_first_differing_step():
+    p = next(q for q in generate(50, seed=11, config=SyntheticConfig(3, 3)) if q.ops[1].symbol in "+*")
+    gold, answer = list(p.steps), str(p.answer)
+    left, symbol, right, result = gold[1].replace(" = ", " ").split()
+    assert synthetic.classify_decoding(p, gold, answer) is None
+    assert synthetic.classify_decoding(p, [gold[0], f"{left} {symbol} {right} = {int(result) + 1}", gold[2]], "7") == "arithmetic_slip"
+    assert synthetic.classify_decoding(p, [gold[0], f"{int(left) + 1} {symbol} {right} = {result}", gold[2]], "7") == "wrong_operand"
+    assert synthetic.classify_decoding(p, [gold[0], f"{left} - {right} = {result}", gold[2]], "7") == "wrong_operation"
+    assert synthetic.classify_decoding(p, gold[:2], None) == "stopped_early"
+    assert synthetic.classify_decoding(p, [*gold, "1 + 1 = 2"], "2") == "extra_steps"
+    assert synthetic.classify_decoding(p, gold, str(p.answer + 1)) == "answer_mismatch"
+    assert synthetic.classify_decoding(p, [gold[0], "the answer"], None) == "unreadable_step"

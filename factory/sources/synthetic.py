@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field, replace
 
 from schemas.records import Problem
@@ -277,3 +278,35 @@ def corrupt(problem: SyntheticProblem, kind: str, rng: random.Random, step: int 
 
 def problem_numbers(problem: SyntheticProblem) -> list[int]:
     return [int(tok) for tok in problem.question.replace(".", " ").replace("?", " ").split() if tok.isdigit()]
+
+
+DECODING_ERRORS = (
+    "arithmetic_slip",  # the gold operands and operation, a wrong result
+    "wrong_operand",  # another number taken (often an earlier result copied wrongly)
+    "wrong_operation",  # the gold operands, another operation
+    "stopped_early",  # every written step right, fewer than the problem needs
+    "extra_steps",  # every gold step right, then more
+    "answer_mismatch",  # the gold reasoning, another number in the answer slots
+    "unreadable_step",  # a step that is not `a op b = c`
+)
+_STEP = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
+
+
+def classify_decoding(problem: SyntheticProblem, steps: list[str], answer: str | None) -> str | None:
+    """Why a decoded trace misses the gold answer, judged at its first step that differs from the
+    gold steps; None when the answer is right."""
+    if answer == str(problem.answer):
+        return None
+    for written, gold in zip(steps, problem.steps):
+        if written.strip() == gold:
+            continue
+        parsed, expected = _STEP.match(written.strip()), _STEP.match(gold)
+        if parsed is None:
+            return "unreadable_step"
+        left, symbol, right, _ = parsed.groups()
+        if (left, right) != expected.group(1, 3):
+            return "wrong_operand"
+        return "arithmetic_slip" if symbol == expected.group(2) else "wrong_operation"
+    if len(steps) < len(problem.steps):
+        return "stopped_early"
+    return "extra_steps" if len(steps) > len(problem.steps) else "answer_mismatch"
