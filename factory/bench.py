@@ -41,6 +41,7 @@ SAMPLER_SETTINGS: dict[str, tuple[str, dict, float | None]] = {
     "eb0.1+ee0.1": ("eb", {"gamma": 0.1}, 0.1),
     "med_prefix0.3": ("med_prefix", {"lam": 0.3}, None),
     "med_prefix0.3+ee0.1": ("med_prefix", {"lam": 0.3}, 0.1),
+    "med_prefix0.3+ee0.01": ("med_prefix", {"lam": 0.3}, 0.01),
     "med_prefix1.0+ee0.1": ("med_prefix", {"lam": 1.0}, 0.1),
 }
 
