@@ -61,6 +61,7 @@ from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
 EPS = 1e-3
 TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
 LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result", "next_token")
+STEP_CUT_LAYOUTS = ("next_result", "next_token")  # cut inside one step; the loss is on that step's rest
 
 
 def bf16_is_fast() -> bool:
@@ -86,7 +87,7 @@ class BatchMaker:
 
     def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> tuple[list[int], list[bool], list[bool]]:
         """One canvas, which of its slots are masked and which of those carry loss (all of them but
-        in the next_result and next_token layouts). Warm-up rows mask reasoning only (uniform layout)."""
+        in the STEP_CUT_LAYOUTS). Warm-up rows mask reasoning only (uniform layout)."""
         warmup = warmup_max_steps is not None
         tpl = self.template
         while True:
@@ -120,7 +121,8 @@ class BatchMaker:
                 masked = self._mask_results(ids, reasoning)
                 return ids, masked, masked
             step_spans = tpl.step_spans(reasoning)
-            if layout in ("next_result", "next_token"):  # cut inside a step: after its '=', or anywhere up to it
+            step_cut = layout in STEP_CUT_LAYOUTS
+            if step_cut:  # after the step's '=', or anywhere up to it
                 start, end = rng.choice(step_spans)
                 equals = reasoning[start:end].index(self.equals_id)
                 offset = equals + 1 if layout == "next_result" else rng.randint(0, equals + 1)
@@ -131,7 +133,7 @@ class BatchMaker:
                 visible_end = spans.reasoning.start + (step_spans[k][0] if k < len(step_spans) else step_spans[-1][1])
             for p in response:
                 masked[p] = p >= visible_end
-            if layout not in ("next_result", "next_token"):
+            if not step_cut:
                 return ids, masked, masked
             # The rest of the step and the token after it: the next step's separator or the end filler,
             # where left-to-right decoding decides whether the reasoning goes on.
