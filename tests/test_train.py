@@ -19,7 +19,7 @@ def response_flags(spans, masked: list[bool]) -> list[bool]:
 
 
 def test_layouts_mask_what_the_scorer_reads(template):
-    maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0, 0, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
     rng = random.Random(0)
     for _ in range(20):
         ids, masked, _ = maker.row(rng)
@@ -31,7 +31,7 @@ def test_layouts_mask_what_the_scorer_reads(template):
 
 
 def test_corrupted_layout_keeps_the_error_visible(template):
-    maker = train_mdlm.BatchMaker(template, seed=1, mix=(0, 0, 1, 0, 0, 0), step_weights=[0, 1, 1, 1, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=1, mix=(0, 0, 1, 0, 0, 0, 0), step_weights=[0, 1, 1, 1, 0, 0])
     rng, slips = random.Random(1), 0
     for _ in range(20):
         ids, masked, _ = maker.row(rng)
@@ -48,7 +48,7 @@ def test_corrupted_layout_keeps_the_error_visible(template):
 
 
 def test_results_layout_masks_each_result_and_the_answer_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=4, mix=(0, 0, 0, 1, 0, 0), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.BatchMaker(template, seed=4, mix=(0, 0, 0, 1, 0, 0, 0), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(4)
     for _ in range(20):
         ids, masked, _ = maker.row(rng)
@@ -64,7 +64,7 @@ def test_results_layout_masks_each_result_and_the_answer_only(template):
 
 
 def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
-    maker = train_mdlm.BatchMaker(template, seed=6, mix=(0, 0, 0, 0, 1, 0), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.BatchMaker(template, seed=6, mix=(0, 0, 0, 0, 1, 0, 0), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(6)
     for _ in range(20):
         ids, masked, loss = maker.row(rng)
@@ -84,7 +84,7 @@ def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
 
 
 def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
-    maker = train_mdlm.BatchMaker(template, seed=7, mix=(0, 0, 0, 0, 0, 1), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.BatchMaker(template, seed=7, mix=(0, 0, 0, 0, 0, 1, 0), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(7)
     cuts_after = collections.Counter()
     for _ in range(60):
@@ -107,8 +107,28 @@ def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
     assert sum(n for t, n in cuts_after.items() if t.isdigit()) > 0
 
 
+def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(template):
+    maker = train_mdlm.BatchMaker(template, seed=8, mix=(0, 0, 0, 0, 0, 0, 1), step_weights=[0, 1, 1, 1, 1, 0])
+    rng = random.Random(8)
+    for _ in range(40):
+        ids, masked, loss = maker.row(rng)
+        spans = template.spans(len(ids))
+        flags = response_flags(spans, masked)
+        assert any(flags) and flags == sorted(flags)
+        cut = masked.index(True)
+        reasoning = ids[spans.reasoning.start : spans.reasoning.stop]
+        step_spans = template.step_spans(reasoning)
+        index = next(i for i, (a, b) in enumerate(step_spans) if a <= cut - spans.reasoning.start < b)
+        tokens = template.tokenizer.convert_ids_to_tokens(reasoning[slice(*step_spans[index])])
+        operand = tokens[cut - spans.reasoning.start - step_spans[index][0]]
+        # the masked operand equals the result of a step at least two back, not the one just before
+        earlier = [template.tokenizer.convert_ids_to_tokens(reasoning[slice(*s)])[-1] for s in step_spans[: index - 1]]
+        assert operand in earlier and tokens.index(operand) in (0, tokens.index("=") - 1)
+        assert [p for p in range(len(ids)) if loss[p]] == list(range(cut, spans.reasoning.start + step_spans[index][1] + 1))
+
+
 def test_drill_rows_pack_several_problems_results_masked(template):
-    maker = train_mdlm.BatchMaker(template, seed=5, mix=(1, 0, 0, 0, 0, 0), step_weights=[1, 2, 3, 3, 1.5, 1])
+    maker = train_mdlm.BatchMaker(template, seed=5, mix=(1, 0, 0, 0, 0, 0, 0), step_weights=[1, 2, 3, 3, 1.5, 1])
     rng = random.Random(5)
     for _ in range(10):
         ids, masked, _ = maker.drill_row(rng)
@@ -122,7 +142,7 @@ def test_drill_rows_pack_several_problems_results_masked(template):
 
 
 def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0, 0, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
+    maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0, 0, 0, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
     inputs, _, targets, masked, weights = maker.batch(step=0, size=16, warmup_max_steps=2)
     spans = template.spans(inputs.shape[1])
     assert not masked[:, spans.answer].any()  # the answer stays visible
@@ -133,7 +153,7 @@ def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
 
 
 def test_masked_fillers_of_a_row_weigh_one_slot(template):
-    maker = train_mdlm.BatchMaker(template, seed=3, mix=(1, 0, 0, 0, 0, 0), step_weights=[1, 0, 0, 0, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=3, mix=(1, 0, 0, 0, 0, 0, 0), step_weights=[1, 0, 0, 0, 0, 0])
     _, _, targets, masked, weights = maker.batch(step=0, size=16)
     filler = masked & (targets == template.filler_id)
     for i in range(16):
