@@ -1,4 +1,5 @@
 import collections
+import itertools
 import json
 import random
 import sys
@@ -20,14 +21,22 @@ def response_flags(spans, masked: list[bool]) -> list[bool]:
 
 def test_layouts_mask_what_the_scorer_reads(template):
     maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0, 0, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
-    rng = random.Random(0)
-    for _ in range(20):
+    rng, seen = random.Random(0), collections.Counter()
+    for _ in range(60):
         ids, masked, _ = maker.row(rng)
         spans = template.spans(len(ids))
         flags = response_flags(spans, masked)
         assert any(flags)
         assert flags == sorted(flags)  # a visible prefix, then everything masked (answer included)
         assert not any(masked[: spans.reasoning.start])  # the question is never masked
+        reasoning, cut = ids[spans.reasoning], flags.index(True)
+        ends = [b for _, b in template.step_spans(reasoning)]
+        if cut:  # after k >= 1 whole steps, the token after the last one visible or not
+            after_last = cut - 1 if cut - 1 in ends else cut
+            assert after_last in ends
+            seen[(after_last == ends[-1], cut > after_last)] += 1
+    # after a middle step and after the last one, the separator / end filler is sometimes masked, sometimes not
+    assert all(seen[key] for key in itertools.product((False, True), repeat=2)), seen
 
 
 def test_corrupted_layout_keeps_the_error_visible(template):
