@@ -89,7 +89,10 @@ class StepScorer:
         return self.template.canvas(question_ids, reasoning_ids, None), [(j, answer_ids[j]) for j in scored]
 
     def consistency_rows(self, trace: Trace, result_only: bool = True) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """One canvas per step with that step's result (tokens after the last '=') or whole step masked."""
+        """One canvas per step with that step's result (tokens after the last '=') or whole step
+        masked, and the reasoning after it masked too: a later step that reuses a slipped result
+        would show it, and the model would read it back (stage 7, 77 traces: slips recomputed from
+        scored 0.751 with the later steps visible, 1.0 with them masked)."""
         tpl, mask = self.template, self.adapter.mask_id
         equals = set(tpl.encode_text("="))
         rows = []
@@ -97,7 +100,7 @@ class StepScorer:
             step = trace.reasoning_ids[start:end]
             eq = max((i for i, t in enumerate(step) if t in equals), default=-1) if result_only else -1
             hidden = range(start + eq + 1, end) if eq + 1 < len(step) else range(start, end)
-            reasoning = [mask if i in hidden else t for i, t in enumerate(trace.reasoning_ids)]
+            reasoning = [mask if i >= hidden.start else t for i, t in enumerate(trace.reasoning_ids)]
             rows.append((tpl.canvas(trace.question_ids, reasoning, None), [(-1 - i, trace.reasoning_ids[i]) for i in hidden]))
         return rows
 

@@ -59,7 +59,7 @@ def test_chain_rule_reveals_answer_tokens_one_at_a_time(tiny_adapter, template, 
     assert first_chain == pytest.approx(first_marginal, abs=1e-5)
 
 
-def test_self_consistency_masks_only_each_steps_result(tiny_adapter, template, traces):
+def test_self_consistency_masks_each_steps_result_and_what_follows(tiny_adapter, template, traces):
     scorer = StepScorer(tiny_adapter, template)
     trace = traces[0]
     equals = template.encode_text("=")[0]
@@ -67,7 +67,8 @@ def test_self_consistency_masks_only_each_steps_result(tiny_adapter, template, t
         reasoning = row[template.spans(len(row)).reasoning]
         hidden = [i for i, t in enumerate(reasoning) if t == template.mask_id]
         eq = max(i for i in range(start, end) if trace.reasoning_ids[i] == equals)
-        assert hidden == list(range(eq + 1, end))
+        # the step up to its '=' and everything before it visible; its result and all later reasoning masked
+        assert hidden == list(range(eq + 1, len(reasoning)))
         assert [tok for _, tok in pairs] == trace.reasoning_ids[eq + 1 : end]
     scores = scorer.score([trace])[0]
     assert len(scores.self_consistency) == len(template.step_spans(trace.reasoning_ids))
