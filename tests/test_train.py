@@ -19,6 +19,19 @@ def response_flags(spans, masked: list[bool]) -> list[bool]:
     return masked[spans.reasoning] + masked[spans.answer]
 
 
+def cut_in_step(template, ids: list[int], masked: list[bool]) -> tuple[list[int], list[tuple[int, int]], int, int]:
+    """A row in left-to-right decoding's state (a visible prefix, then everything masked): its reasoning
+    ids, their step spans, the step the cut falls in and the cut's offset within that step."""
+    spans = template.spans(len(ids))
+    flags = response_flags(spans, masked)
+    assert any(flags) and flags == sorted(flags)
+    cut = masked.index(True) - spans.reasoning.start
+    reasoning = ids[spans.reasoning]
+    step_spans = template.step_spans(reasoning)
+    index = next(i for i, (a, b) in enumerate(step_spans) if a <= cut < b)
+    return reasoning, step_spans, index, cut - step_spans[index][0]
+
+
 def test_layouts_mask_what_the_scorer_reads(template):
     maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0, 0, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
     rng, seen = random.Random(0), collections.Counter()
@@ -98,17 +111,13 @@ def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
     cuts_after = collections.Counter()
     for _ in range(60):
         ids, masked, loss = maker.row(rng)
-        spans = template.spans(len(ids))
-        flags = response_flags(spans, masked)
-        assert any(flags) and flags == sorted(flags)  # left-to-right decoding's state
-        cut = masked.index(True)
-        reasoning = ids[spans.reasoning.start : spans.reasoning.stop]
-        start, end = next((a, b) for a, b in template.step_spans(reasoning) if a <= cut - spans.reasoning.start < b)
+        reasoning, step_spans, index, offset = cut_in_step(template, ids, masked)
+        start, end = step_spans[index]
         step = template.tokenizer.convert_ids_to_tokens(reasoning[start:end])
-        offset = cut - spans.reasoning.start - start
         assert offset <= step.index("=") + 1  # never past the result's first token
+        base = template.spans(len(ids)).reasoning.start
         targets = [p for p in range(len(ids)) if loss[p]]
-        assert targets == list(range(cut, spans.reasoning.start + end + 1))  # the step's rest and the token after
+        assert targets == list(range(base + start + offset, base + end + 1))  # the step's rest and the token after
         assert ids[targets[-1]] in (template.filler_id, template.separator_ids[0])
         cuts_after[step[offset - 1] if offset else "step start"] += 1
     # the first operand, the operator, the second operand and the result are each decoded in this state
@@ -121,19 +130,14 @@ def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(tem
     rng = random.Random(8)
     for _ in range(40):
         ids, masked, loss = maker.row(rng)
-        spans = template.spans(len(ids))
-        flags = response_flags(spans, masked)
-        assert any(flags) and flags == sorted(flags)
-        cut = masked.index(True)
-        reasoning = ids[spans.reasoning.start : spans.reasoning.stop]
-        step_spans = template.step_spans(reasoning)
-        index = next(i for i, (a, b) in enumerate(step_spans) if a <= cut - spans.reasoning.start < b)
-        tokens = template.tokenizer.convert_ids_to_tokens(reasoning[slice(*step_spans[index])])
-        operand = tokens[cut - spans.reasoning.start - step_spans[index][0]]
+        reasoning, step_spans, index, offset = cut_in_step(template, ids, masked)
+        start, end = step_spans[index]
+        tokens = template.tokenizer.convert_ids_to_tokens(reasoning[start:end])
         # the masked operand equals the result of a step at least two back, not the one just before
         earlier = [template.tokenizer.convert_ids_to_tokens(reasoning[slice(*s)])[-1] for s in step_spans[: index - 1]]
-        assert operand in earlier and tokens.index(operand) in (0, tokens.index("=") - 1)
-        assert [p for p in range(len(ids)) if loss[p]] == list(range(cut, spans.reasoning.start + step_spans[index][1] + 1))
+        assert tokens[offset] in earlier and offset in (0, tokens.index("=") - 1)
+        base = template.spans(len(ids)).reasoning.start
+        assert [p for p in range(len(ids)) if loss[p]] == list(range(base + start + offset, base + end + 1))
 
 
 def test_drill_rows_pack_several_problems_results_masked(template):
