@@ -60,7 +60,7 @@ from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
 
 EPS = 1e-3
 TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
-LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result", "next_token", "far_operand")
+LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result", "next_token", "far_operand", "answer_ahead")
 STEP_CUT_LAYOUTS = ("next_result", "next_token", "far_operand")  # cut inside one step; the loss is on that step's rest
 
 
@@ -99,7 +99,7 @@ class BatchMaker:
 
     def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> tuple[list[int], list[bool], list[bool]]:
         """One canvas, which of its slots are masked and which of those carry loss (all of them but
-        in the STEP_CUT_LAYOUTS). Warm-up rows mask reasoning only (uniform layout)."""
+        in the STEP_CUT_LAYOUTS and answer_ahead). Warm-up rows mask reasoning only (uniform layout)."""
         warmup = warmup_max_steps is not None
         tpl = self.template
         while True:
@@ -109,7 +109,7 @@ class BatchMaker:
             far = far_operands(problem) if layout == "far_operand" else None
             if far == []:
                 continue
-            if layout == "corrupted":
+            if layout == "corrupted" or (layout == "answer_ahead" and rng.random() < 0.5):
                 trace = synthetic.corrupt(problem, rng.choice(TRAIN_KINDS), rng)
                 if trace is None or trace.answer < 0:
                     continue
@@ -149,7 +149,10 @@ class BatchMaker:
                 visible_end = spans.reasoning.start + start + offset
             else:
                 low = 0 if first_visible_error is None else first_visible_error + 1
-                k = rng.randint(low, len(step_spans))
+                if layout == "answer_ahead":  # one or two steps left to compute in the answer slots
+                    k = max(low, len(step_spans) - rng.choice((1, 1, 2)))
+                else:
+                    k = rng.randint(low, len(step_spans))
                 # The token after step k (separator, or end filler after the last step) is visible half
                 # the time. Always masked after the last step only, a masked token after a result told
                 # the model the reasoning ended there: decoding left to right, it then read the answer
@@ -157,6 +160,11 @@ class BatchMaker:
                 visible_end = spans.reasoning.start + (step_spans[k - 1][1] + rng.randint(0, 1) if k else 0)
             for p in response:
                 masked[p] = p >= visible_end
+            if layout == "answer_ahead":
+                # The loss on the answer alone: one-pass step scoring reads it with the later steps
+                # masked, and in the prefix layout it is one target among ~40 (stage 7, clean prefixes
+                # with one step left: the answer's argmax was the gold one 4% of the time).
+                return ids, masked, [masked[p] and p >= spans.answer.start for p in range(len(ids))]
             if not step_cut:
                 return ids, masked, masked
             # The rest of the step and the token after it: the next step's separator or the end filler,
@@ -274,7 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--mix", type=float, nargs=7, default=(0.15, 0.1, 0.1, 0.05, 0.15, 0.25, 0.2), metavar=tuple(name.upper() for name in LAYOUTS)
+        "--mix",
+        type=float,
+        nargs=len(LAYOUTS),
+        default=(0.15, 0.1, 0.1, 0.05, 0.15, 0.25, 0.2, 0),
+        metavar=tuple(name.upper() for name in LAYOUTS),
     )
     ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")
     ap.add_argument("--warmup-copy-steps", type=int, default=900, help="steps of the copy warm-up (reasoning tokens only)")

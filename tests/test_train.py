@@ -14,6 +14,11 @@ import train_mdlm  # noqa: E402
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64", "--batch-size", "4", "--threads", "1"]
 
 
+def only(layout: str) -> tuple[float, ...]:
+    """A mix that draws every row in one layout."""
+    return tuple(float(name == layout) for name in train_mdlm.LAYOUTS)
+
+
 def response_flags(spans, masked: list[bool]) -> list[bool]:
     """The mask over the reasoning and answer slots, in canvas order."""
     return masked[spans.reasoning] + masked[spans.answer]
@@ -33,7 +38,7 @@ def cut_in_step(template, ids: list[int], masked: list[bool]) -> tuple[list[int]
 
 
 def test_layouts_mask_what_the_scorer_reads(template):
-    maker = train_mdlm.BatchMaker(template, seed=0, mix=(0, 1, 0, 0, 0, 0, 0), step_weights=[0, 0, 1, 1, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=0, mix=only("prefix"), step_weights=[0, 0, 1, 1, 0, 0])
     rng, seen = random.Random(0), collections.Counter()
     for _ in range(60):
         ids, masked, _ = maker.row(rng)
@@ -53,7 +58,7 @@ def test_layouts_mask_what_the_scorer_reads(template):
 
 
 def test_corrupted_layout_keeps_the_error_visible(template):
-    maker = train_mdlm.BatchMaker(template, seed=1, mix=(0, 0, 1, 0, 0, 0, 0), step_weights=[0, 1, 1, 1, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=1, mix=only("corrupted"), step_weights=[0, 1, 1, 1, 0, 0])
     rng, slips = random.Random(1), 0
     for _ in range(20):
         ids, masked, _ = maker.row(rng)
@@ -70,7 +75,7 @@ def test_corrupted_layout_keeps_the_error_visible(template):
 
 
 def test_results_layout_masks_each_result_and_the_answer_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=4, mix=(0, 0, 0, 1, 0, 0, 0), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.BatchMaker(template, seed=4, mix=only("results"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(4)
     for _ in range(20):
         ids, masked, _ = maker.row(rng)
@@ -86,7 +91,7 @@ def test_results_layout_masks_each_result_and_the_answer_only(template):
 
 
 def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
-    maker = train_mdlm.BatchMaker(template, seed=6, mix=(0, 0, 0, 0, 1, 0, 0), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.BatchMaker(template, seed=6, mix=only("next_result"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(6)
     for _ in range(20):
         ids, masked, loss = maker.row(rng)
@@ -106,7 +111,7 @@ def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
 
 
 def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
-    maker = train_mdlm.BatchMaker(template, seed=7, mix=(0, 0, 0, 0, 0, 1, 0), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.BatchMaker(template, seed=7, mix=only("next_token"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(7)
     cuts_after = collections.Counter()
     for _ in range(60):
@@ -126,7 +131,7 @@ def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
 
 
 def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(template):
-    maker = train_mdlm.BatchMaker(template, seed=8, mix=(0, 0, 0, 0, 0, 0, 1), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.BatchMaker(template, seed=8, mix=only("far_operand"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(8)
     for _ in range(40):
         ids, masked, loss = maker.row(rng)
@@ -140,8 +145,28 @@ def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(tem
         assert [p for p in range(len(ids)) if loss[p]] == list(range(base + start + offset, base + end + 1))
 
 
+def test_answer_ahead_layout_trains_the_answer_one_or_two_steps_ahead_of_the_reasoning(template):
+    maker = train_mdlm.BatchMaker(template, seed=9, mix=only("answer_ahead"), step_weights=[0, 1, 1, 1, 1, 0])
+    rng, steps_left, slips = random.Random(9), collections.Counter(), 0
+    for _ in range(60):
+        ids, masked, loss = maker.row(rng)
+        spans = template.spans(len(ids))
+        flags = response_flags(spans, masked)
+        assert flags == sorted(flags) and all(masked[spans.answer])  # a visible prefix, then all masked
+        assert [p for p in range(len(ids)) if loss[p]] == list(range(spans.answer.start, spans.answer.stop))
+        reasoning, cut = ids[spans.reasoning], flags.index(True)
+        steps = template.split_steps(reasoning)
+        visible = sum(end <= cut for _, end in template.step_spans(reasoning))
+        steps_left[len(steps) - visible] += 1
+        # the answer follows the written reasoning, a visible wrong step included
+        assert template.parse_answer(ids[spans.answer]) == steps[-1].split(" = ")[1]
+        slips += any(eval(s.split(" = ")[0]) != int(s.split(" = ")[1]) for s in steps[:visible])  # noqa: S307
+    assert steps_left[1] > steps_left[2] > 0 and set(steps_left) <= {0, 1, 2}, steps_left
+    assert slips >= 3
+
+
 def test_drill_rows_pack_several_problems_results_masked(template):
-    maker = train_mdlm.BatchMaker(template, seed=5, mix=(1, 0, 0, 0, 0, 0, 0), step_weights=[1, 2, 3, 3, 1.5, 1])
+    maker = train_mdlm.BatchMaker(template, seed=5, mix=only("uniform"), step_weights=[1, 2, 3, 3, 1.5, 1])
     rng = random.Random(5)
     for _ in range(10):
         ids, masked, _ = maker.drill_row(rng)
@@ -155,7 +180,7 @@ def test_drill_rows_pack_several_problems_results_masked(template):
 
 
 def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=2, mix=(1, 0, 0, 0, 0, 0, 0), step_weights=[0, 0, 0, 0, 0, 1])
+    maker = train_mdlm.BatchMaker(template, seed=2, mix=only("uniform"), step_weights=[0, 0, 0, 0, 0, 1])
     inputs, _, targets, masked, weights = maker.batch(step=0, size=16, warmup_max_steps=2)
     spans = template.spans(inputs.shape[1])
     assert not masked[:, spans.answer].any()  # the answer stays visible
@@ -166,7 +191,7 @@ def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
 
 
 def test_masked_fillers_of_a_row_weigh_one_slot(template):
-    maker = train_mdlm.BatchMaker(template, seed=3, mix=(1, 0, 0, 0, 0, 0, 0), step_weights=[1, 0, 0, 0, 0, 0])
+    maker = train_mdlm.BatchMaker(template, seed=3, mix=only("uniform"), step_weights=[1, 0, 0, 0, 0, 0])
     _, _, targets, masked, weights = maker.batch(step=0, size=16)
     filler = masked & (targets == template.filler_id)
     for i in range(16):
