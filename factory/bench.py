@@ -261,14 +261,16 @@ def scoring_cases(problems, seed: int) -> list[dict]:
 
 def _prefix_values(method: str, scores, k: int) -> float:
     """The value a method gives the prefix of k >= 1 steps."""
-    answer = scores.prefix_logp[k]
-    local = min(scores.self_consistency[:k])
-    return {"one_pass": answer, "chain_rule": answer, "self_consistency": local, "combined": answer + local}[method]
+    if method in ("one_pass", "chain_rule"):
+        return scores.prefix_logp[k]
+    if method == "combined":
+        return scores.prefix_logp[k] + min(scores.self_consistency[:k])
+    return min(getattr(scores, method)[:k])  # a prefix is as good as its worst step
 
 
 def _step_values(method: str, scores) -> list[float]:
-    if method == "self_consistency":
-        return scores.self_consistency
+    if method in ("self_consistency", "result_consistency"):
+        return getattr(scores, method)
     if method == "combined":
         return [a + b for a, b in zip(scores.step_scores, scores.self_consistency)]
     return scores.step_scores
@@ -365,14 +367,16 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, batch_s
     ]
     total_steps = sum(len(c["steps"]) for c in cases)
     methods = {}
-    for estimator, names in (("marginal", ("one_pass", "self_consistency", "combined")), ("chain", ("chain_rule",))):
+    marginal_names = ("one_pass", "result_consistency", "self_consistency", "combined")
+    for estimator, names in (("marginal", marginal_names), ("chain", ("chain_rule",))):
         scorer = StepScorer(adapter, template, estimator=estimator, batch_size=batch_size)
-        scores = scorer.score(traces, self_consistency=True)
+        scores = scorer.score(traces, self_consistency=estimator == "marginal")
         prefix_rows = sum(len(scorer.prefix_rows(t)) for t in traces)
         consistency_rows = sum(len(scorer.consistency_rows(t)) for t in traces)
         passes = {
             "one_pass": prefix_rows,
             "chain_rule": prefix_rows,
+            "result_consistency": consistency_rows / 2,  # its half of the rows: one per step
             "self_consistency": consistency_rows,
             "combined": prefix_rows + consistency_rows,
         }

@@ -5,8 +5,10 @@ mask the rest of the reasoning and the answer slots, and read log p(gold answer)
 is the change it causes. Two estimators for multi-token answers: the product of per-slot marginals
 (one pass per prefix) and the chain rule (answer tokens revealed one at a time, one pass each).
 
-Self-consistency: mask a step's result (or the whole step) with everything else visible and the
-answer masked, and read its log-probability: a step the model would not have written scores low.
+Self-consistency: two reads per step, needing neither the answer nor a rollout. The result read
+masks the step's result (and all later reasoning) and asks whether the arithmetic is right; the
+operand read masks the whole step and asks whether its operands and operation are what the
+question calls for. A step the model would not have written scores low on one of them.
 All inputs of all traces are independent canvases, so they batch into as few passes as possible.
 """
 
@@ -31,8 +33,13 @@ class Trace:
 class TraceScores:
     prefix_logp: list[float]  # log p(gold answer | question, steps[:k]) for k = 0..n
     step_scores: list[float]  # prefix_logp[k] - prefix_logp[k-1] for k = 1..n
-    self_consistency: list[float]  # mean log p of each step's masked result, all else visible
+    result_consistency: list[float]  # mean log p of each step's result, its operands visible
+    operand_consistency: list[float]  # mean log p of each step's operands and operator, the step masked
     forward_passes: float  # passes spent on this trace (shared batches counted by row share)
+
+    @property
+    def self_consistency(self) -> list[float]:
+        return [a + b for a, b in zip(self.result_consistency, self.operand_consistency)]
 
     @property
     def final_score(self) -> float:
@@ -88,20 +95,25 @@ class StepScorer:
         scored = range(self.scored_answer_length(answer_ids))
         return self.template.canvas(question_ids, reasoning_ids, None), [(j, answer_ids[j]) for j in scored]
 
-    def consistency_rows(self, trace: Trace, result_only: bool = True) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """One canvas per step with that step's result (tokens after the last '=') or whole step
-        masked, and the reasoning after it masked too: a later step that reuses a slipped result
+    def consistency_rows(self, trace: Trace) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Two canvases per step, in step order: the result read (the step up to its last '='
+        visible, the result masked) and the operand read (the whole step masked, read at the tokens
+        before '='). All later reasoning is masked in both: a later step that reuses a slipped result
         would show it, and the model would read it back (stage 7, 77 traces: slips recomputed from
-        scored 0.751 with the later steps visible, 1.0 with them masked)."""
+        scored 0.751 with the later steps visible, 1.0 with them masked). A wrong operand or operation
+        is computed correctly, so only the operand read sees it (held out, stage 7: the result read
+        alone separated them at 0.802 / 0.731). A step without '=' is read whole in both."""
         tpl, mask = self.template, self.adapter.mask_id
         equals = set(tpl.encode_text("="))
         rows = []
         for start, end in tpl.step_spans(trace.reasoning_ids):
             step = trace.reasoning_ids[start:end]
-            eq = max((i for i, t in enumerate(step) if t in equals), default=-1) if result_only else -1
-            hidden = range(start + eq + 1, end) if eq + 1 < len(step) else range(start, end)
-            reasoning = [mask if i >= hidden.start else t for i, t in enumerate(trace.reasoning_ids)]
-            rows.append((tpl.canvas(trace.question_ids, reasoning, None), [(-1 - i, trace.reasoning_ids[i]) for i in hidden]))
+            eq = max((i for i, t in enumerate(step) if t in equals), default=-1)
+            result = range(start + eq + 1, end) if eq + 1 < len(step) else range(start, end)
+            head = range(start, start + eq) if eq > 0 else range(start, end)
+            for hidden_from, read in ((result.start, result), (start, head)):
+                reasoning = [mask if i >= hidden_from else t for i, t in enumerate(trace.reasoning_ids)]
+                rows.append((tpl.canvas(trace.question_ids, reasoning, None), [(-1 - i, trace.reasoning_ids[i]) for i in read]))
         return rows
 
     # ---- batched reading -----------------------------------------------------------------
@@ -141,6 +153,6 @@ class StepScorer:
                 m = max(1, self.scored_answer_length(t.answer_ids))
                 logp = [sum(sum(v) for v in pv[k : k + m]) for k in range(0, len(pv), m)]
             steps = [b - a for a, b in zip(logp, logp[1:])]
-            sc = [sum(v) / max(1, len(v)) for v in cv]
-            results.append(TraceScores(logp, steps, sc, per_row_passes * (len(pv) + len(cv))))
+            means = [sum(v) / max(1, len(v)) for v in cv]
+            results.append(TraceScores(logp, steps, means[0::2], means[1::2], per_row_passes * (len(pv) + len(cv))))
         return results

@@ -59,25 +59,35 @@ def test_chain_rule_reveals_answer_tokens_one_at_a_time(tiny_adapter, template, 
     assert first_chain == pytest.approx(first_marginal, abs=1e-5)
 
 
-def test_self_consistency_masks_each_steps_result_and_what_follows(tiny_adapter, template, traces):
+def test_self_consistency_reads_each_steps_result_then_its_operands_later_reasoning_masked(tiny_adapter, template, traces):
     scorer = StepScorer(tiny_adapter, template)
     trace = traces[0]
     equals = template.encode_text("=")[0]
-    for (row, pairs), (start, end) in zip(scorer.consistency_rows(trace), template.step_spans(trace.reasoning_ids)):
-        reasoning = row[template.spans(len(row)).reasoning]
-        hidden = [i for i, t in enumerate(reasoning) if t == template.mask_id]
+    step_spans = template.step_spans(trace.reasoning_ids)
+    rows = scorer.consistency_rows(trace)
+    assert len(rows) == 2 * len(step_spans)
+    for (start, end), (result_row, result_pairs), (operand_row, operand_pairs) in zip(step_spans, rows[0::2], rows[1::2]):
         eq = max(i for i in range(start, end) if trace.reasoning_ids[i] == equals)
-        # the step up to its '=' and everything before it visible; its result and all later reasoning masked
-        assert hidden == list(range(eq + 1, len(reasoning)))
-        assert [tok for _, tok in pairs] == trace.reasoning_ids[eq + 1 : end]
+        # result read: the step up to its '=' and everything before visible; its result and all later reasoning masked
+        reasoning = result_row[template.spans(len(result_row)).reasoning]
+        assert [i for i, t in enumerate(reasoning) if t == template.mask_id] == list(range(eq + 1, len(reasoning)))
+        assert [tok for _, tok in result_pairs] == trace.reasoning_ids[eq + 1 : end]
+        # operand read: the whole step and all later reasoning masked, read before the '='
+        reasoning = operand_row[template.spans(len(operand_row)).reasoning]
+        assert [i for i, t in enumerate(reasoning) if t == template.mask_id] == list(range(start, len(reasoning)))
+        assert [tok for _, tok in operand_pairs] == trace.reasoning_ids[start:eq]
     scores = scorer.score([trace])[0]
-    assert len(scores.self_consistency) == len(template.step_spans(trace.reasoning_ids))
+    values = [sum(v) / len(v) for v in scorer.read_logprobs(rows)]
+    assert scores.result_consistency == pytest.approx(values[0::2], abs=1e-5)
+    assert scores.operand_consistency == pytest.approx(values[1::2], abs=1e-5)
+    assert scores.self_consistency == pytest.approx([a + b for a, b in zip(values[0::2], values[1::2])], abs=1e-5)
 
 
 def test_trace_aggregates():
-    s = TraceScores([-3.0, -1.0, -4.0, -0.5], [2.0, -3.0, 3.5], [-0.1, -2.0, -0.2], 1.0)
+    s = TraceScores([-3.0, -1.0, -4.0, -0.5], [2.0, -3.0, 3.5], [-0.1, -2.0, -0.2], [-0.5, 0.0, -0.1], 1.0)
     assert s.final_score == -0.5 and s.min_step_score == -3.0
     assert s.first_suspect_step() == 1 and s.first_suspect_step(threshold=-5.0) is None
+    assert s.self_consistency == pytest.approx([-0.6, -2.0, -0.3])  # the two reads of a step add up
 
 
 def test_unknown_estimator_is_refused(tiny_adapter, template):
