@@ -244,6 +244,7 @@ def samplers_markdown(report: dict, plot_name: str) -> str:
 # ---- scoring --------------------------------------------------------------------------------
 
 SCORING_KINDS = synthetic.CORRUPTION_KINDS
+OWN_KINDS = ("arithmetic_slip", "wrong_operand", "wrong_operation", "unreadable_step", "extra_steps")  # at a trace's first departure
 
 
 def scoring_cases(problems, seed: int) -> list[dict]:
@@ -276,10 +277,12 @@ def _step_values(method: str, scores) -> list[float]:
     return scores.step_scores
 
 
-def summarise(cases: list[dict], values: list[list[float]], step_values: list[list[float] | None], passes: float) -> dict:
+def summarise(
+    cases: list[dict], values: list[list[float]], step_values: list[list[float] | None], passes: float, kinds=SCORING_KINDS
+) -> dict:
     """AUROC of prefix values separating error-free prefixes (positive) from ones holding an error."""
     pos_all, neg_all, pos_part, neg_part = [], [], [], []
-    neg_by_kind: dict[str, list[float]] = {k: [] for k in SCORING_KINDS}
+    neg_by_kind: dict[str, list[float]] = {k: [] for k in kinds}
     first_hits, first_total = 0, 0
     for case, vals, steps in zip(cases, values, step_values):
         n = len(case["steps"])
@@ -349,14 +352,35 @@ def med_completion_values(adapter, template, cases, batch_size: int) -> tuple[li
     return values, (sum(r.nfe for r in results) + len(rows)) / total_steps
 
 
-def bench_scoring(adapter, template, problems, seed: int, rollouts: int, batch_size: int = 128) -> dict:
+def own_trace_cases(adapter, template, problems, k: int, seed: int) -> list[dict]:
+    """The model's own posterior traces (gold answer clamped; temperature 1, so the k samples differ),
+    each labelled at its first step that departs from the gold steps, with what is wrong there."""
+    config = SamplerConfig(rule="med_prefix", rule_params={"lam": 0.3}, temperature=1.0, batch_size=64)
+    sampler = CanvasSampler(adapter, template, config)
+    results = sampler.posterior([p.question for p in problems], [str(p.answer) for p in problems], k=k, seed=seed)
     cases = []
-    for case in scoring_cases(problems, seed):
+    for i, result in enumerate(results):
+        problem, steps = problems[i // k], template.split_steps(result.reasoning_ids)
+        j = synthetic.first_departure(problem, steps)
+        kind = "clean" if j is None else "extra_steps" if j >= len(problem.steps) else synthetic.step_error(steps[j], problem.steps[j])
+        cases.append({"problem": problem, "kind": kind, "steps": steps, "first_error": j})
+    return cases
+
+
+def encodable(template, cases: list[dict]) -> list[dict]:
+    """The cases whose steps fit the canvas (the rest cannot be scored)."""
+    kept = []
+    for case in cases:
         try:
             template.encode_reasoning(case["steps"])
-            cases.append(case)
         except TemplateError:
             continue
+        kept.append(case)
+    return kept
+
+
+def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, kinds=SCORING_KINDS) -> dict:
+    """Every scorer that reads the model without sampling, summarised over the cases."""
     traces = [
         Trace(
             template.encode_question(c["problem"].question),
@@ -382,13 +406,41 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, batch_s
         }
         for name in names:
             values = [[_prefix_values(name, s, k) for k in range(1, len(c["steps"]) + 1)] for c, s in zip(cases, scores)]
-            methods[name] = summarise(cases, values, [_step_values(name, s) for s in scores], passes[name] / total_steps)
+            step_values = [_step_values(name, s) for s in scores]
+            methods[name] = summarise(cases, values, step_values, passes[name] / total_steps, kinds)
+    return methods
+
+
+def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: int = 0, batch_size: int = 128) -> dict:
+    cases = encodable(template, scoring_cases(problems, seed))
+    methods = no_rollout_methods(adapter, template, cases, batch_size)
     values, passes = med_completion_values(adapter, template, cases, batch_size=64)
     methods["med_completion"] = summarise(cases, values, [None] * len(cases), passes)
     if rollouts:
         values, passes = rollout_values(adapter, template, cases, rollouts, batch_size=64)
         methods[f"rollout_{rollouts}"] = summarise(cases, values, [None] * len(cases), passes)
-    return {"traces": len(cases), "by_kind": {k: sum(c["kind"] == k for c in cases) for k in ("clean", *SCORING_KINDS)}, "methods": methods}
+    report = {
+        "traces": len(cases),
+        "by_kind": {k: sum(c["kind"] == k for c in cases) for k in ("clean", *SCORING_KINDS)},
+        "methods": methods,
+    }
+    if own_k:
+        own = [c for c in encodable(template, own_trace_cases(adapter, template, problems, own_k, seed)) if c["steps"]]
+        report["own_traces"] = {
+            "sampled": len(problems) * own_k,
+            "traces": len(own),
+            "by_kind": {k: sum(c["kind"] == k for c in own) for k in ("clean", *OWN_KINDS)},
+            "methods": no_rollout_methods(adapter, template, own, batch_size, OWN_KINDS),
+        }
+    return report
+
+
+def scoring_table(methods: dict, kinds) -> str:
+    rows = [
+        {"method": k, **{c: v[c] for c in ("auroc_partial", "auroc_all", "first_error_accuracy", "nfe_per_step")}, **v["auroc_by_kind"]}
+        for k, v in methods.items()
+    ]
+    return markdown_table(rows, ["method", "auroc_partial", "auroc_all", *kinds, "first_error_accuracy", "nfe_per_step"])
 
 
 def cli_scoring(argv: list[str]) -> None:
@@ -398,6 +450,7 @@ def cli_scoring(argv: list[str]) -> None:
     ap.add_argument("--min-steps", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=5)
     ap.add_argument("--rollouts", type=int, default=8, help="N completions per prefix for the rollout baseline (0: skip)")
+    ap.add_argument("--own-k", type=int, default=4, help="the model's own posterior traces per problem, scored too (0: skip)")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--docs", type=Path, default=DOCS)
@@ -408,7 +461,7 @@ def cli_scoring(argv: list[str]) -> None:
         "n": args.n,
         "seed": args.seed,
         "model": adapter.model_id,
-        **bench_scoring(adapter, template, problems, args.seed, args.rollouts),
+        **bench_scoring(adapter, template, problems, args.seed, args.rollouts, args.own_k),
     }
     emit(report, args.json)
     methods = report["methods"]
@@ -420,16 +473,21 @@ def cli_scoring(argv: list[str]) -> None:
         "AUROC (partial prefixes)",
         "step scoring",
     )
-    rows = [
-        {"method": k, **{c: v[c] for c in ("auroc_partial", "auroc_all", "first_error_accuracy", "nfe_per_step")}, **v["auroc_by_kind"]}
-        for k, v in methods.items()
-    ]
     md = (
-        f"## Step scoring\n\n`factory bench scoring --n {args.n} --seed {args.seed} --rollouts {args.rollouts}` on `{adapter.model_id}`: "
+        f"## Step scoring\n\n`factory bench scoring --n {args.n} --seed {args.seed} --rollouts {args.rollouts} --own-k {args.own_k}` "
+        f"on `{adapter.model_id}`: "
         f"{report['traces']} traces ({report['by_kind']}) from {args.min_steps}–{args.max_steps} step problems. "
         "A prefix is positive when it holds no error; `auroc_partial` counts only prefixes that stop before the last step. "
         "Passes are canvas evaluations (one row of one forward pass) per reasoning step.\n\n"
-        + markdown_table(rows, ["method", "auroc_partial", "auroc_all", *SCORING_KINDS, "first_error_accuracy", "nfe_per_step"])
+        + scoring_table(methods, SCORING_KINDS)
         + f"\n\n![AUROC vs passes]({plot.name})\n"
     )
+    if args.own_k:
+        own = report["own_traces"]
+        md += (
+            f"\nThe model's own posterior traces of the same problems ({args.own_k} per problem, temperature 1, gold answer clamped; "
+            f"{own['traces']} of {own['sampled']} with readable steps, {own['by_kind']}), each step judged against the gold steps "
+            "at the trace's first departure from them. Synthetic corruptions are out of the model's distribution; these "
+            "errors are the ones the factory has to catch.\n\n" + scoring_table(own["methods"], OWN_KINDS) + "\n"
+        )
     write_section("scoring", md, args.docs)

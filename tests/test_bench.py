@@ -45,7 +45,7 @@ def test_sampler_bench_reports_every_setting(tiny_adapter, template):
 
 def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
     problems = generate(3, seed=6, config=SyntheticConfig(2, 3))
-    report = bench.bench_scoring(tiny_adapter, template, problems, seed=0, rollouts=1, batch_size=64)
+    report = bench.bench_scoring(tiny_adapter, template, problems, seed=0, rollouts=1, own_k=2, batch_size=64)
     assert set(report["methods"]) == {
         "one_pass",
         "chain_rule",
@@ -59,6 +59,10 @@ def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
         assert set(m["auroc_by_kind"]) == set(bench.SCORING_KINDS) and m["nfe_per_step"] > 0
     methods = report["methods"]  # self-consistency reads every step twice, the result read once
     assert methods["self_consistency"]["nfe_per_step"] == pytest.approx(2 * methods["result_consistency"]["nfe_per_step"], abs=1e-3)
+    own = report["own_traces"]  # the model's own traces: every sample counted, each labelled by its first departure
+    assert own["sampled"] == 6 and own["traces"] == sum(own["by_kind"].values()) <= 6
+    assert set(own["methods"]) == {"one_pass", "chain_rule", "result_consistency", "self_consistency", "combined"}
+    assert all(set(m["auroc_by_kind"]) == set(bench.OWN_KINDS) for m in own["methods"].values())
 
 
 def test_eval_command_writes_the_report(tmp_path, capsys):

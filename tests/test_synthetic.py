@@ -79,3 +79,5 @@ def test_decoding_errors_are_classified_at_the_first_differing_step():
     assert synthetic.classify_decoding(p, [*gold, "1 + 1 = 2"], "2") == "extra_steps"
     assert synthetic.classify_decoding(p, gold, str(p.answer + 1)) == "answer_mismatch"
     assert synthetic.classify_decoding(p, [gold[0], "the answer"], None) == "unreadable_step"
+    assert synthetic.first_departure(p, gold) is None and synthetic.first_departure(p, gold[:2]) is None
+    assert synthetic.first_departure(p, [gold[0], "the answer"]) == 1 and synthetic.first_departure(p, [*gold, "1 + 1 = 2"]) == 3

@@ -292,21 +292,31 @@ DECODING_ERRORS = (
 _STEP = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
 
 
+def first_departure(problem: SyntheticProblem, steps: list[str]) -> int | None:
+    """Index of the first written step that is not the gold step in its place (a step beyond the
+    gold ones counts); None when every written step is a gold step."""
+    return next((i for i, written in enumerate(steps) if i >= len(problem.steps) or written.strip() != problem.steps[i]), None)
+
+
+def step_error(written: str, gold: str) -> str:
+    """What is wrong with a written step that differs from the gold one."""
+    parsed, expected = _STEP.match(written.strip()), _STEP.match(gold)
+    if parsed is None:
+        return "unreadable_step"
+    left, symbol, right, _ = parsed.groups()
+    if (left, right) != expected.group(1, 3):
+        return "wrong_operand"
+    return "arithmetic_slip" if symbol == expected.group(2) else "wrong_operation"
+
+
 def classify_decoding(problem: SyntheticProblem, steps: list[str], answer: str | None) -> str | None:
     """Why a decoded trace misses the gold answer, judged at its first step that differs from the
     gold steps; None when the answer is right."""
     if answer == str(problem.answer):
         return None
-    for written, gold in zip(steps, problem.steps):
-        if written.strip() == gold:
-            continue
-        parsed, expected = _STEP.match(written.strip()), _STEP.match(gold)
-        if parsed is None:
-            return "unreadable_step"
-        left, symbol, right, _ = parsed.groups()
-        if (left, right) != expected.group(1, 3):
-            return "wrong_operand"
-        return "arithmetic_slip" if symbol == expected.group(2) else "wrong_operation"
+    i = first_departure(problem, steps)
+    if i is not None and i < len(problem.steps):
+        return step_error(steps[i], problem.steps[i])
     if len(steps) < len(problem.steps):
         return "stopped_early"
     return "extra_steps" if len(steps) > len(problem.steps) else "answer_mismatch"
