@@ -10,14 +10,17 @@ import argparse
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
+from factory.checks import step_labels
 from factory.evaluate import accuracy_report
 from factory.models.adapter import ModelAdapter
 from factory.sampling.sampler import CanvasSampler, Request, SamplerConfig, seed_for
-from factory.scoring import StepScorer, Trace
+from factory.scoring import LABEL_SOURCES, StepScorer, Trace
 from factory.sources import synthetic
 from factory.template import ReasoningTemplate, TemplateError
+from schemas.spec import ScoringSpec
 
 DOCS = Path("docs/benchmarks.md")
 BASELINE = "left_to_right"
@@ -245,6 +248,7 @@ def samplers_markdown(report: dict, plot_name: str) -> str:
 
 SCORING_KINDS = synthetic.CORRUPTION_KINDS
 OWN_KINDS = ("arithmetic_slip", "wrong_operand", "wrong_operation", "unreadable_step", "extra_steps")  # at a trace's first departure
+LABEL_THRESHOLD_GRID = (-0.1, -0.2, -0.3, -0.5, -0.7, -1.0, -1.5, -2.0, -3.0, -5.0)  # nats, for PRM label calibration
 
 
 def scoring_cases(problems, seed: int) -> list[dict]:
@@ -379,8 +383,9 @@ def encodable(template, cases: list[dict]) -> list[dict]:
     return kept
 
 
-def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, kinds=SCORING_KINDS) -> dict:
-    """Every scorer that reads the model without sampling, summarised over the cases."""
+def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, kinds=SCORING_KINDS) -> tuple[dict, list]:
+    """Every scorer that reads the model without sampling, summarised over the cases; and the
+    marginal estimator's scores of each case."""
     traces = [
         Trace(
             template.encode_question(c["problem"].question),
@@ -390,11 +395,12 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
         for c in cases
     ]
     total_steps = sum(len(c["steps"]) for c in cases)
-    methods = {}
+    methods, marginal_scores = {}, []
     marginal_names = ("one_pass", "result_consistency", "self_consistency", "combined")
     for estimator, names in (("marginal", marginal_names), ("chain", ("chain_rule",))):
         scorer = StepScorer(adapter, template, estimator=estimator, batch_size=batch_size)
         scores = scorer.score(traces, self_consistency=estimator == "marginal")
+        marginal_scores = marginal_scores or scores
         prefix_rows = sum(len(scorer.prefix_rows(t)) for t in traces)
         consistency_rows = sum(len(scorer.consistency_rows(t)) for t in traces)
         passes = {
@@ -408,12 +414,41 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
             values = [[_prefix_values(name, s, k) for k in range(1, len(c["steps"]) + 1)] for c, s in zip(cases, scores)]
             step_values = [_step_values(name, s) for s in scores]
             methods[name] = summarise(cases, values, step_values, passes[name] / total_steps, kinds)
-    return methods
+    return methods, marginal_scores
+
+
+def label_quality(cases: list[dict], scores: list, source: str, threshold: float) -> dict:
+    """How well the PRM step labels (`checks.step_labels`) match the truth: a step is good when it
+    comes before the trace's first departure from the gold steps."""
+    counts = Counter()
+    for case, trace_scores in zip(cases, scores):
+        labels = step_labels(case["steps"], str(case["problem"].answer), getattr(trace_scores, LABEL_SOURCES[source]), threshold)
+        for j, label in enumerate(labels):
+            good = case["first_error"] is None or j < case["first_error"]
+            counts[(good, label)] += 1
+    good, bad = counts[(True, True)] + counts[(True, False)], counts[(False, True)] + counts[(False, False)]
+    return {
+        "threshold": threshold,
+        "accuracy": (counts[(True, True)] + counts[(False, False)]) / max(1, good + bad),
+        "good_steps_kept": counts[(True, True)] / max(1, good),
+        "bad_steps_caught": counts[(False, False)] / max(1, bad),
+    }
+
+
+def prm_label_report(cases: list[dict], scores: list) -> dict:
+    """Per label source: the labels at the spec's default threshold, and the threshold of the grid
+    with the best balanced accuracy (to calibrate another model)."""
+    report = {}
+    for source in LABEL_SOURCES:
+        sweep = [label_quality(cases, scores, source, t) for t in LABEL_THRESHOLD_GRID]
+        best = max(sweep, key=lambda q: q["good_steps_kept"] + q["bad_steps_caught"])
+        report[source] = {"at_default": label_quality(cases, scores, source, ScoringSpec().label_threshold), "best": best}
+    return report
 
 
 def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: int = 0, batch_size: int = 128) -> dict:
     cases = encodable(template, scoring_cases(problems, seed))
-    methods = no_rollout_methods(adapter, template, cases, batch_size)
+    methods, _ = no_rollout_methods(adapter, template, cases, batch_size)
     values, passes = med_completion_values(adapter, template, cases, batch_size=64)
     methods["med_completion"] = summarise(cases, values, [None] * len(cases), passes)
     if rollouts:
@@ -426,11 +461,13 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: 
     }
     if own_k:
         own = [c for c in encodable(template, own_trace_cases(adapter, template, problems, own_k, seed)) if c["steps"]]
+        own_methods, own_scores = no_rollout_methods(adapter, template, own, batch_size, OWN_KINDS)
         report["own_traces"] = {
             "sampled": len(problems) * own_k,
             "traces": len(own),
             "by_kind": {k: sum(c["kind"] == k for c in own) for k in ("clean", *OWN_KINDS)},
-            "methods": no_rollout_methods(adapter, template, own, batch_size, OWN_KINDS),
+            "methods": own_methods,
+            "prm_labels": prm_label_report(own, own_scores),
         }
     return report
 
@@ -441,6 +478,11 @@ def scoring_table(methods: dict, kinds) -> str:
         for k, v in methods.items()
     ]
     return markdown_table(rows, ["method", "auroc_partial", "auroc_all", *kinds, "first_error_accuracy", "nfe_per_step"])
+
+
+def prm_label_table(report: dict) -> str:
+    rows = [{"label_source": source, "setting": setting, **q} for source, by in report.items() for setting, q in by.items()]
+    return markdown_table(rows, ["label_source", "setting", "threshold", "accuracy", "good_steps_kept", "bad_steps_caught"])
 
 
 def cli_scoring(argv: list[str]) -> None:
@@ -489,5 +531,9 @@ def cli_scoring(argv: list[str]) -> None:
             f"{own['traces']} of {own['sampled']} with readable steps, {own['by_kind']}), each step judged against the gold steps "
             "at the trace's first departure from them. Synthetic corruptions are out of the model's distribution; these "
             "errors are the ones the factory has to catch.\n\n" + scoring_table(own["methods"], OWN_KINDS) + "\n"
+            "\nThe `prm` config's step labels on these traces, against the truth (a step is good before the first departure): "
+            "a label turns False at the first step whose score is below the threshold, whose equation is false, or (the last "
+            "step) that misses the gold answer. `at_default` is the build spec's default threshold; `best` the grid's best "
+            "balanced accuracy.\n\n" + prm_label_table(own["prm_labels"]) + "\n"
         )
     write_section("scoring", md, args.docs)

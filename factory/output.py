@@ -2,8 +2,9 @@
 
     OUT/_build/spec.json                  the spec and its hash; a rerun with another spec is refused
     OUT/_build/shards/00003.traces.parquet   accepted traces of shard 3
+    OUT/_build/shards/00003.filtered.parquet the shard's other traces, each with its filter_reason
     OUT/_build/shards/00003.done.json        its completion marker (a ShardSummary), written after the part
-    OUT/data/{traces,sft,prm}/train-00003-of-00008.parquet   one file per shard, assembled from the parts
+    OUT/data/{traces,filtered,sft,prm}/train-00003-of-00008.parquet   one file per shard, from the parts
     OUT/data/rejected/train-00000-of-00001.parquet
     OUT/README.md                          dataset card; its `configs:` front matter names the data files
     OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, means
@@ -25,11 +26,13 @@ import pyarrow.parquet as pq
 import yaml
 
 import factory
+from factory.checks import REASONING_FAULTS
+from factory.scoring import LABEL_SOURCES
 from schemas.arrow import arrow_schema, from_table, to_table
 from schemas.records import ChatMessage, PRMRow, Rejected, SFTRow, ShardResult, ShardSummary, TraceRow
 from schemas.spec import BuildSpec
 
-CONFIGS = {"traces": TraceRow, "sft": SFTRow, "prm": PRMRow, "rejected": Rejected}
+CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRow, "rejected": Rejected}
 TMP_MARK = ".tmp-"
 
 
@@ -73,13 +76,19 @@ def sft_row(trace: TraceRow, spec: BuildSpec) -> SFTRow:
     return SFTRow(messages=messages, trace_id=trace.trace_id, problem_id=trace.problem_id)
 
 
-def prm_row(trace: TraceRow, spec: BuildSpec) -> PRMRow:
-    labels = [score >= spec.scoring.label_threshold for score in trace.step_scores]
+def prm_rows(traces: list[TraceRow], spec: BuildSpec) -> list[PRMRow]:
+    """Accepted traces and those filtered for a fault in their reasoning: a PRM learns from both."""
+    source = LABEL_SOURCES[spec.scoring.label_source]
+    return [prm_row(t, getattr(t, source)) for t in traces if t.steps and (t.filter_reason is None or t.filter_reason in REASONING_FAULTS)]
+
+
+def prm_row(trace: TraceRow, label_scores: list[float]) -> PRMRow:
     return PRMRow(
         prompt=trace.question,
         completions=trace.steps,
-        labels=labels,
-        step_scores=trace.step_scores,
+        labels=trace.step_labels,
+        label_scores=label_scores,
+        accepted=trace.filter_reason is None,
         trace_id=trace.trace_id,
         problem_id=trace.problem_id,
     )
@@ -96,6 +105,9 @@ class BuildDir:
 
     def part(self, shard: int) -> Path:
         return self.shards / f"{shard:05d}.traces.parquet"
+
+    def filtered_part(self, shard: int) -> Path:
+        return self.shards / f"{shard:05d}.filtered.parquet"
 
     def marker(self, shard: int) -> Path:
         return self.shards / f"{shard:05d}.done.json"
@@ -123,6 +135,7 @@ class BuildDir:
 
     def write_shard(self, result: ShardResult) -> None:
         write_parquet(self.part(result.shard), to_table(result.traces, TraceRow))
+        write_parquet(self.filtered_part(result.shard), to_table(result.filtered_traces, TraceRow))
         write_text(self.marker(result.shard), result.summary().model_dump_json(indent=2))
 
     def summaries(self, num_shards: int) -> list[ShardSummary]:
@@ -131,13 +144,17 @@ class BuildDir:
     def assemble(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> dict:
         """Write the dataset from the finished shards; returns the manifest."""
         files: dict[str, list[str]] = {name: [] for name in CONFIGS}
+        counts = dict.fromkeys(CONFIGS, 0)
         for shard in range(num_shards):
-            traces = from_table(pq.read_table(self.part(shard), schema=arrow_schema(TraceRow)), TraceRow)
-            derived = {"traces": traces, "sft": [sft_row(t, spec) for t in traces], "prm": [prm_row(t, spec) for t in traces]}
+            traces, filtered = (read_traces(path) for path in (self.part(shard), self.filtered_part(shard)))
+            sft, prm = [sft_row(t, spec) for t in traces], prm_rows(traces + filtered, spec)
+            derived = {"traces": traces, "filtered": filtered, "sft": sft, "prm": prm}
             for name, rows in derived.items():
                 files[name].append(self.write_rows(name, rows, shard, num_shards))
+                counts[name] += len(rows)
         files["rejected"].append(self.write_rows("rejected", rejected, 0, 1))
-        manifest = build_manifest(spec, self.summaries(num_shards), rejected, files)
+        counts["rejected"] = len(rejected)
+        manifest = build_manifest(spec, self.summaries(num_shards), rejected, files, counts)
         write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         write_text(self.root / "README.md", dataset_card(spec, manifest))
         return manifest
@@ -148,12 +165,17 @@ class BuildDir:
         return name
 
 
+def read_traces(path: Path) -> list[TraceRow]:
+    return from_table(pq.read_table(path, schema=arrow_schema(TraceRow)), TraceRow)
+
+
 # ---- manifest and card ---------------------------------------------------------------------
 
 
-def build_manifest(spec: BuildSpec, summaries: list[ShardSummary], rejected: list[Rejected], files: dict[str, list[str]]) -> dict:
+def build_manifest(
+    spec: BuildSpec, summaries: list[ShardSummary], rejected: list[Rejected], files: dict[str, list[str]], rows: dict[str, int]
+) -> dict:
     accepted = sum(s.accepted for s in summaries)
-    rows = {"traces": accepted, "sft": accepted, "prm": accepted, "rejected": len(rejected)}
     filtered = sum((Counter(s.filtered) for s in summaries), Counter())
     sampled = sum(s.sampled for s in summaries)
     steps = sum(s.step_count for s in summaries)
@@ -170,6 +192,7 @@ def build_manifest(spec: BuildSpec, summaries: list[ShardSummary], rejected: lis
         "filtered": {"total": sum(filtered.values()), "by_reason": dict(sorted(filtered.items()))},
         "mean_nfe": sum(s.nfe_sum for s in summaries) / sampled if sampled else None,
         "mean_step_score": sum(s.step_score_sum for s in summaries) / steps if steps else None,
+        "rows": rows,
         "files": files,
         "empty_configs": [name for name, count in rows.items() if count == 0],
         "workers": sorted(workers.values(), key=lambda w: w["actor"]),
@@ -181,14 +204,19 @@ CARD_BODY = """
 
 Built by `factory build` (mdlm-factory {code_version}) from spec `{spec_hash}`: the model wrote
 {traces_sampled} reasoning traces for {problems} problems with the gold answer clamped into the
-answer slots, scored every step by answer-conditioned likelihood, and kept {accepted}.
+answer slots, scored every step with the model itself (no rollouts, no other model), and kept {accepted}.
 
 | config | contents |
 |---|---|
-| `traces` | every accepted trace with its step scores and provenance |
+| `traces` | every accepted trace with its step scores, step labels and provenance |
+| `filtered` | every other trace, the same columns, with the `filter_reason` it failed |
 | `sft` | chat `messages`: the question alone, then reasoning and `\\boxed{{answer}}` |
-| `prm` | `prompt`, step `completions`, `labels` (step score >= {label_threshold}), raw `step_scores` |
+| `prm` | TRL stepwise `prompt`, step `completions`, `labels` and the `label_scores` behind them; `accepted` False: a filtered trace |
 | `rejected` | source rows that could not be used, with the reason |
+
+`prm` holds the accepted traces and those filtered for a fault in their reasoning (wrong answer,
+false equation, low step score). A step's label is True while it and every step before it pass: {label_source} score at least
+{label_threshold} nats, a true equation, and for the last step the gold answer reached.
 
 Rejected rows: {rejected}. Filtered traces: {filtered}. Mean forward passes per trace: {mean_nfe}.
 Configs with no rows, left out of `configs` because `datasets` cannot load an empty config: {empty}.
@@ -214,6 +242,7 @@ def dataset_card(spec: BuildSpec, manifest: dict) -> str:
     front = yaml.safe_dump({"configs": configs}, sort_keys=False)
     body = CARD_BODY.format(
         **{k: manifest[k] for k in ("model", "code_version", "spec_hash", "traces_sampled", "problems", "accepted")},
+        label_source=spec.scoring.label_source,
         label_threshold=spec.scoring.label_threshold,
         rejected=manifest["rejected"]["by_reason"] or "none",
         filtered=manifest["filtered"]["by_reason"] or "none",

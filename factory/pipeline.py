@@ -14,37 +14,30 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import operator
 import os
-import re
 import socket
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from fractions import Fraction
 from pathlib import Path
 
 import torch
 
 import factory
 from factory.bench import emit, markdown_table, write_section
+from factory.checks import filter_traces, step_labels
 from factory.models.adapter import ModelAdapter
 from factory.models.adapter import load_tokenizer as load_model_tokenizer
 from factory.output import BuildDir, BuildError
 from factory.sampling.sampler import CanvasSampler, Request, SampleResult, seed_for
-from factory.scoring import StepScorer, Trace, TraceScores
+from factory.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores
 from factory.sources.registry import load_problems
 from factory.template import ReasoningTemplate
 from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
-from schemas.spec import BuildSpec, FilterSpec, ModelSpec, SpecError, load_spec
+from schemas.spec import BuildSpec, ModelSpec, SpecError, load_spec
 
-_NUMBER, _OP = r"-?\d[\d,]*", r"[-+*/×÷]"  # a number may carry thousands commas
-NUMBER = re.compile(_NUMBER)
-# 'a op b op ... = c': the whole left-hand chain, so "2 + 3 + 4 = 9" is not read as "3 + 4 = 9".
-EQUATION = re.compile(rf"((?:{_NUMBER}\s*{_OP}\s*)+{_NUMBER})\s*=\s*({_NUMBER})")
-TERM = re.compile(rf"({_NUMBER})\s*({_OP}?)\s*")
 ACTOR_POOL_START_TIMEOUT_S = 1200
 PROGRESS_PREFIX = "[build] shard "  # a progress line per finished shard (the pipeline benchmark times them)
 
@@ -119,13 +112,15 @@ class TraceMaker:
         return [self.trace_row(problems[r.key[0]], r.key[1], s, sc) for r, s, sc in zip(requests, samples, scores)]
 
     def trace_row(self, problem: Problem, sample_index: int, sample: SampleResult, scores: TraceScores) -> TraceRow:
-        tpl = self.template
+        tpl, scoring = self.template, self.spec.scoring
+        steps = tpl.split_steps(sample.reasoning_ids)
+        label_scores = getattr(scores, LABEL_SOURCES[scoring.label_source])
         return TraceRow(
             **problem.model_dump(),
             trace_id=trace_id(self.spec_hash, problem.problem_id, sample_index),
             sample_index=sample_index,
             reasoning=tpl.decode(sample.reasoning_ids),
-            steps=tpl.split_steps(sample.reasoning_ids),
+            steps=steps,
             answer=tpl.parse_answer(sample.answer_ids),
             nfe=sample.nfe,
             exited_early=sample.exited_early,
@@ -134,78 +129,16 @@ class TraceMaker:
             self_consistency=scores.self_consistency,
             final_score=scores.final_score,
             min_step_score=scores.min_step_score,
+            step_labels=step_labels(steps, problem.gold_answer, label_scores, scoring.label_threshold),
             scoring_passes=scores.forward_passes,
             model_id=self.adapter.model_id,
             model_revision=self.adapter.revision,
             sampler=self.spec.sampler.model_dump_json(),
-            scorer=self.spec.scoring.model_dump_json(),
+            scorer=scoring.model_dump_json(),
             seed=problem_seed(self.spec.seed, problem.problem_id),
             code_version=factory.__version__,
             spec_hash=self.spec_hash,
         )
-
-
-# ---- filter ---------------------------------------------------------------------------------
-
-
-def final_number(steps: list[str]) -> int | None:
-    """The last number written in the last step (its result), or None."""
-    numbers = NUMBER.findall(steps[-1]) if steps else []
-    return int(numbers[-1].replace(",", "")) if numbers else None
-
-
-def evaluate_chain(expression: str) -> Fraction | None:
-    """Exact value of 'a op b op ...' with the usual precedence; None on division by zero."""
-    multiply = {"*": operator.mul, "×": operator.mul, "/": operator.truediv, "÷": operator.truediv}
-    total, term, pending = Fraction(0), None, "+"
-    for number, op in TERM.findall(expression):
-        value = Fraction(int(number.replace(",", "")))
-        if pending in multiply:
-            if value == 0 and multiply[pending] is operator.truediv:
-                return None
-            term = multiply[pending](term, value)
-        else:
-            total, term = total + (term or 0), value if pending == "+" else -value
-        pending = op
-    return total + term
-
-
-def false_equation(steps: list[str]) -> bool:
-    """Whether any step writes an equation 'a op b ... = c' that does not hold."""
-    for step in steps:
-        for expression, result in EQUATION.findall(step):
-            if evaluate_chain(expression) != int(result.replace(",", "")):
-                return True
-    return False
-
-
-def drop_reason(trace: TraceRow, filters: FilterSpec, seen: set[tuple[str, str]]) -> str | None:
-    """Why a trace is dropped (the first filter it fails), or None to keep it."""
-    if len(trace.steps) < filters.min_steps:
-        return "too_few_steps"
-    if filters.max_steps is not None and len(trace.steps) > filters.max_steps:
-        return "too_many_steps"
-    if filters.answer_match and final_number(trace.steps) != int(trace.gold_answer):
-        return "wrong_answer"
-    if filters.verify_arithmetic and false_equation(trace.steps):
-        return "arithmetic_error"
-    if filters.min_step_score is not None and trace.min_step_score < filters.min_step_score:
-        return "low_step_score"
-    if filters.dedupe and (trace.problem_id, trace.reasoning) in seen:
-        return "duplicate"
-    return None
-
-
-def filter_traces(traces: list[TraceRow], filters: FilterSpec) -> tuple[list[TraceRow], Counter]:
-    kept, dropped, seen = [], Counter(), set()
-    for trace in traces:
-        reason = drop_reason(trace, filters, seen)
-        if reason:
-            dropped[reason] += 1
-        else:
-            kept.append(trace)
-            seen.add((trace.problem_id, trace.reasoning))
-    return kept, dropped
 
 
 # ---- one shard: sample + score + filter ------------------------------------------------------
@@ -226,13 +159,13 @@ def worker_info(device: str) -> WorkerInfo:
 def process_shard(maker: TraceMaker, shard: int, problems: list[Problem]) -> ShardResult:
     before = dict(maker.timings)
     traces = maker(problems)
-    kept, dropped = filter_traces(traces, maker.spec.filters)
+    kept, filtered = filter_traces(traces, maker.spec.filters)
     return ShardResult(
         shard=shard,
         problems=len(problems),
         sampled=len(traces),
         accepted=len(kept),
-        filtered=dict(dropped),
+        filtered=dict(Counter(t.filter_reason for t in filtered)),
         nfe_sum=sum(t.nfe for t in traces),
         step_score_sum=sum(sum(t.step_scores) for t in traces),
         step_count=sum(len(t.step_scores) for t in traces),
@@ -240,6 +173,7 @@ def process_shard(maker: TraceMaker, shard: int, problems: list[Problem]) -> Sha
         score_s=maker.timings["score_s"] - before["score_s"],
         worker=worker_info(str(maker.adapter.device)),
         traces=kept,
+        filtered_traces=filtered,
     )
 
 

@@ -20,6 +20,8 @@ from factory.models.adapter import ModelAdapter
 from factory.template import ReasoningTemplate
 
 ESTIMATORS = ("marginal", "chain")
+# Which per-step score PRM labels are thresholded from: label source -> TraceScores attribute.
+LABEL_SOURCES = {"self_consistency": "self_consistency", "answer_delta": "step_scores"}
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ class TraceRow(Problem):
     self_consistency: list[float]
     final_score: float
     min_step_score: float
+    step_labels: list[bool] = Field(description="PRM labels: True while the step and all before it pass (see factory.checks)")
+    filter_reason: str | None = Field(default=None, description="the first filter the trace failed; None when accepted")
     scoring_passes: float
     # provenance
     model_id: str
@@ -82,7 +84,8 @@ class PRMRow(BaseModel):
     prompt: str
     completions: list[str]
     labels: list[bool]
-    step_scores: list[float]
+    label_scores: list[float] = Field(description="the per-step scores the labels were thresholded from (the spec's label_source)")
+    accepted: bool = Field(description="whether the trace passed every filter (False: a reasoning fault, kept as a negative)")
     trace_id: str
     problem_id: str
 
@@ -117,9 +120,10 @@ class ShardSummary(BaseModel):
 
 
 class ShardResult(ShardSummary):
-    """A shard's summary with its accepted traces, as a worker hands it back."""
+    """A shard's summary with its traces, as a worker hands it back."""
 
-    traces: list[TraceRow]
+    traces: list[TraceRow] = Field(description="the accepted traces")
+    filtered_traces: list[TraceRow] = Field(description="the rest, each with its filter_reason")
 
     def summary(self) -> ShardSummary:
-        return ShardSummary.model_validate(self.model_dump(exclude={"traces"}))
+        return ShardSummary.model_validate(self.model_dump(exclude={"traces", "filtered_traces"}))

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from factory.models.adapter import KINDS
 from factory.sampling.rules import RULES
 from factory.sampling.sampler import SamplerConfig
-from factory.scoring import ESTIMATORS
+from factory.scoring import ESTIMATORS, LABEL_SOURCES
 from factory.sources.synthetic import SYMBOLS, SyntheticConfig
 from factory.template import TemplateConfig
 
@@ -145,7 +145,18 @@ class ScoringSpec(BaseModel):
     estimator: Literal[ESTIMATORS] = "marginal"
     self_consistency: bool = True
     batch_size: int = Field(128, ge=1)
-    label_threshold: float = Field(-1.0, description="a PRM label is True when the step score is at least this (nats)")
+    label_source: Literal[tuple(LABEL_SOURCES)] = Field(
+        "self_consistency", description="the per-step score PRM labels come from (answer_delta: the answer-conditioned step score)"
+    )
+    # Calibrated on the embedded model's own posterior traces (`factory bench scoring` reports the
+    # labels' accuracy and the best threshold); another model needs its own.
+    label_threshold: float = Field(-0.7, description="a step passes when its label_source score is at least this (nats)")
+
+    @model_validator(mode="after")
+    def _label_source_is_scored(self):
+        if self.label_source == "self_consistency" and not self.self_consistency:
+            raise ValueError("label_source 'self_consistency' needs self_consistency: true (or label_source: answer_delta)")
+        return self
 
 
 class FilterSpec(BaseModel):

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -63,6 +64,22 @@ def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
     assert own["sampled"] == 6 and own["traces"] == sum(own["by_kind"].values()) <= 6
     assert set(own["methods"]) == {"one_pass", "chain_rule", "result_consistency", "self_consistency", "combined"}
     assert all(set(m["auroc_by_kind"]) == set(bench.OWN_KINDS) for m in own["methods"].values())
+    assert set(own["prm_labels"]) == {"self_consistency", "answer_delta"}
+    assert all(0 <= q["accuracy"] <= 1 for by in own["prm_labels"].values() for q in by.values())
+
+
+def test_prm_label_quality_counts_good_steps_kept_and_bad_steps_caught():
+    problem, steps = SimpleNamespace(answer=15), ["3 * 4 = 12", "12 + 5 = 17", "17 - 2 = 15"]
+    cases = [{"problem": problem, "steps": steps, "first_error": None}, {"problem": problem, "steps": steps, "first_error": 1}]
+    flat = [0.0, 0.0, 0.0]
+    scores = [SimpleNamespace(self_consistency=sc, step_scores=flat) for sc in ([0.0, -0.1, -0.1], [0.0, -3.0, 0.0])]
+    perfect = {"threshold": -0.7, "accuracy": 1.0, "good_steps_kept": 1.0, "bad_steps_caught": 1.0}
+    assert bench.label_quality(cases, scores, "self_consistency", -0.7) == perfect
+    # flat answer deltas pass every step: the 4 good steps kept, neither bad step caught
+    assert bench.label_quality(cases, scores, "answer_delta", -0.7) == {**perfect, "accuracy": 4 / 6, "bad_steps_caught": 0.0}
+    assert bench.label_quality(cases, scores, "self_consistency", -5.0)["bad_steps_caught"] == 0.0  # too lenient
+    report = bench.prm_label_report(cases, scores)
+    assert report["self_consistency"]["best"]["bad_steps_caught"] == 1.0 and report["self_consistency"]["at_default"] == perfect
 
 
 def test_eval_command_writes_the_report(tmp_path, capsys):

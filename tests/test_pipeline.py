@@ -15,18 +15,9 @@ import pytest
 import torch
 import yaml
 
-from factory.output import BuildDir, BuildError
-from factory.pipeline import (
-    TraceMaker,
-    build,
-    cli_build,
-    false_equation,
-    filter_traces,
-    final_number,
-    plan_shards,
-    problem_seed,
-    process_shard,
-)
+from factory.checks import false_equation, filter_traces, final_number, step_labels
+from factory.output import BuildDir, BuildError, prm_rows
+from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard
 from factory.sources import synthetic
 from factory.sources.registry import load_problems
 from schemas.arrow import arrow_schema, from_table, to_table
@@ -198,6 +189,7 @@ def trace(problem_id="p", steps=("1 + 1 = 2",), gold="2", scores=(0.0,), reasoni
         prefix_logp=[0.0] * (len(scores) + 1),
         self_consistency=list(scores),
         min_step_score=min(scores, default=0.0),
+        step_labels=[True] * len(steps),
     )
 
 
@@ -217,11 +209,32 @@ def test_filters_count_every_drop_by_reason():
         trace(steps=("2 = 2", "1 + 1 = 2"), scores=(-5.0, 0.0)),
         trace(steps=("9 / 2 = 30", "21 / 5 = 2"), scores=(0.0, 0.0)),  # ends at the gold answer by luck
     ]
-    kept, dropped = filter_traces(traces, FilterSpec(min_step_score=-2.0, max_steps=2))
+    kept, filtered = filter_traces(traces, FilterSpec(min_step_score=-2.0, max_steps=2))
     assert len(kept) == 2 and [t.problem_id for t in kept] == ["p", "q"]
-    expected = {"duplicate": 1, "wrong_answer": 1, "too_few_steps": 1, "too_many_steps": 1, "low_step_score": 1, "arithmetic_error": 1}
-    assert dropped == expected
-    assert len(kept) + sum(dropped.values()) == len(traces)
+    assert all(t.filter_reason is None for t in kept)
+    expected = ["duplicate", "wrong_answer", "too_few_steps", "too_many_steps", "low_step_score", "arithmetic_error"]
+    assert [t.filter_reason for t in filtered] == expected
+    # PRM data: the accepted traces and those filtered for a fault in their reasoning, never a duplicate or an empty one
+    prm = prm_rows(kept + filtered, validate_spec(small_spec(Path("out"))))
+    assert [(r.completions, r.accepted) for r in prm] == [
+        (["1 + 1 = 2"], True),
+        (["1 + 1 = 2"], True),
+        (["1 + 1 = 3"], False),
+        (["2 = 2", "1 + 1 = 2"], False),
+        (["9 / 2 = 30", "21 / 5 = 2"], False),
+    ]
+
+
+def test_step_labels_turn_false_at_the_first_step_that_fails_and_stay_false():
+    steps = ["3 * 4 = 12", "12 + 5 = 17", "17 - 2 = 15"]
+    assert step_labels(steps, "15", [-0.1, -0.2, -0.3], threshold=-0.7) == [True, True, True]
+    assert step_labels(steps, "15", [-0.1, -2.0, -0.3], threshold=-0.7) == [True, False, False]  # a low score
+    assert step_labels(steps, "15", [-0.1, -2.0, -0.3], threshold=-3.0) == [True, True, True]
+    assert step_labels(["3 * 4 = 13", *steps[1:]], "15", [0.0] * 3, threshold=-0.7) == [False, False, False]  # the calculator
+    assert step_labels(steps, "16", [0.0] * 3, threshold=-0.7) == [True, True, False]  # does not reach the gold answer
+    assert step_labels([], "15", [], threshold=-0.7) == []
+    with pytest.raises(ValueError):
+        step_labels(steps, "15", [0.0, 0.0], threshold=-0.7)  # a score per step, or the labels would be cut short
 
 
 def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny_adapter, template):
@@ -245,7 +258,7 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     assert out.done_shards() == {0, 1}
     manifest = out.assemble(spec, len(shards), rejected)
     assert manifest["problems"] == 3 and manifest["traces_sampled"] == 6 and manifest["accepted"] == 6
-    assert manifest["empty_configs"] == ["rejected"]
+    assert manifest["empty_configs"] == ["filtered", "rejected"]
     traces = [row for name in manifest["files"]["traces"] for row in from_table(pq.read_table(out.root / name), TraceRow)]
     assert {t.trace_id for t in traces} == {t.trace_id for t in together}
     sft = pq.read_table(out.root / manifest["files"]["sft"][0]).to_pylist()[0]
@@ -254,7 +267,9 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     assert user == {"role": "user", "content": traces[0].question}
     assert assistant["content"].endswith(f"\nThe answer is \\boxed{{{gold}}}.")
     prm = pq.read_table(out.root / manifest["files"]["prm"][0]).to_pylist()[0]
-    assert prm["completions"] == traces[0].steps and len(prm["labels"]) == len(prm["step_scores"])
+    assert prm["completions"] == traces[0].steps and prm["labels"] == traces[0].step_labels
+    assert prm["label_scores"] == pytest.approx(traces[0].self_consistency)  # the default label source
+    assert manifest["rows"] == {"traces": 6, "filtered": 0, "sft": 6, "prm": 6, "rejected": 0}
 
 
 def test_an_output_dir_is_resumed_only_by_its_own_spec(tmp_path):
@@ -287,6 +302,11 @@ def load_config(out: Path, name: str) -> list[dict]:
     return datasets.load_dataset(str(out), name, split="train").to_list()
 
 
+def read_config(out: Path, name: str) -> list[dict]:
+    """A config's rows straight from its files, also when it has none (`datasets` cannot load that)."""
+    return [row for path in sorted((out / "data" / name).glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+
+
 @pytest.fixture(scope="module")
 def straight_build(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("straight")
@@ -303,7 +323,12 @@ def test_build_with_ray_writes_a_loadable_dataset(straight_build):
     assert manifest["rejected"] == {"total": 2, "by_reason": {"empty_question": 1, "non_numeric_answer": 1}}
     assert manifest["mean_nfe"] > 0 and json.loads((out / "manifest.json").read_text()) == manifest
     traces, sft, prm = (load_config(out, name) for name in ("traces", "sft", "prm"))
-    assert len(traces) == len(sft) == len(prm) == manifest["accepted"] > 0
+    assert len(traces) == len(sft) == manifest["accepted"] > 0
+    filtered = read_config(out, "filtered")
+    assert len(filtered) == manifest["filtered"]["total"] and all(t["filter_reason"] for t in filtered)
+    negatives = [t for t in filtered if t["filter_reason"] in ("wrong_answer", "arithmetic_error") and t["steps"]]
+    assert len(prm) == len(traces) + len(negatives) == manifest["rows"]["prm"]
+    assert sum(not r["accepted"] for r in prm) == len(negatives)
     assert len({t["trace_id"] for t in traces}) == len(traces)
     questions = {t["trace_id"]: t["question"] for t in traces}
     for row in sft:
@@ -334,7 +359,8 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_traces(straight_build, 
     assert f"{len(done)} already done" in rerun.stdout
 
     def by_id(root: Path) -> dict:
-        return {t["trace_id"]: (t["reasoning"], t["step_scores"]) for t in load_config(root, "traces")}
+        rows = [t for name in ("traces", "filtered") for t in read_config(root, name)]
+        return {t["trace_id"]: (t["reasoning"], t["step_scores"], t["filter_reason"]) for t in rows}
 
     resumed = load_config(out, "traces")
     assert len({t["trace_id"] for t in resumed}) == len(resumed)
