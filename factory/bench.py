@@ -419,19 +419,24 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
 
 def label_quality(cases: list[dict], scores: list, source: str, threshold: float) -> dict:
     """How well the PRM step labels (`checks.step_labels`) match the truth: a step is good when it
-    comes before the trace's first departure from the gold steps."""
-    counts = Counter()
+    comes before the trace's first departure from the gold steps. `first_error_found`: the share of
+    traces with an error whose first False label is at that first departure (ProcessBench's task)."""
+    counts, found, with_error = Counter(), 0, 0
     for case, trace_scores in zip(cases, scores):
         labels = step_labels(case["steps"], str(case["problem"].answer), getattr(trace_scores, LABEL_SOURCES[source]), threshold)
         for j, label in enumerate(labels):
             good = case["first_error"] is None or j < case["first_error"]
             counts[(good, label)] += 1
+        if case["first_error"] is not None:
+            with_error += 1
+            found += next((j for j, label in enumerate(labels) if not label), None) == case["first_error"]
     good, bad = counts[(True, True)] + counts[(True, False)], counts[(False, True)] + counts[(False, False)]
     return {
         "threshold": threshold,
         "accuracy": (counts[(True, True)] + counts[(False, False)]) / max(1, good + bad),
         "good_steps_kept": counts[(True, True)] / max(1, good),
         "bad_steps_caught": counts[(False, False)] / max(1, bad),
+        "first_error_found": found / max(1, with_error),
     }
 
 
@@ -482,7 +487,8 @@ def scoring_table(methods: dict, kinds) -> str:
 
 def prm_label_table(report: dict) -> str:
     rows = [{"label_source": source, "setting": setting, **q} for source, by in report.items() for setting, q in by.items()]
-    return markdown_table(rows, ["label_source", "setting", "threshold", "accuracy", "good_steps_kept", "bad_steps_caught"])
+    columns = ["label_source", "setting", "threshold", "accuracy", "good_steps_kept", "bad_steps_caught", "first_error_found"]
+    return markdown_table(rows, columns)
 
 
 def cli_scoring(argv: list[str]) -> None:

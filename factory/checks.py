@@ -67,7 +67,10 @@ def step_labels(steps: list[str], gold_answer: str, scores: list[float], thresho
 
 
 def drop_reason(trace: TraceRow, filters: FilterSpec, seen: set[tuple[str, str]]) -> str | None:
-    """Why a trace is dropped (the first filter it fails), or None to keep it."""
+    """Why a trace is dropped (the first filter it fails), or None to keep it. A repeat of any
+    earlier trace of the problem, kept or not, is a duplicate: the data holds each reasoning once."""
+    if filters.dedupe and (trace.problem_id, trace.reasoning) in seen:
+        return "duplicate"
     if len(trace.steps) < filters.min_steps:
         return "too_few_steps"
     if filters.max_steps is not None and len(trace.steps) > filters.max_steps:
@@ -78,8 +81,6 @@ def drop_reason(trace: TraceRow, filters: FilterSpec, seen: set[tuple[str, str]]
         return "arithmetic_error"
     if filters.min_step_score is not None and trace.min_step_score < filters.min_step_score:
         return "low_step_score"
-    if filters.dedupe and (trace.problem_id, trace.reasoning) in seen:
-        return "duplicate"
     return None
 
 
@@ -92,5 +93,5 @@ def filter_traces(traces: list[TraceRow], filters: FilterSpec) -> tuple[list[Tra
             filtered.append(trace.model_copy(update={"filter_reason": reason}))
         else:
             kept.append(trace)
-            seen.add((trace.problem_id, trace.reasoning))
+        seen.add((trace.problem_id, trace.reasoning))
     return kept, filtered

@@ -73,10 +73,11 @@ def test_prm_label_quality_counts_good_steps_kept_and_bad_steps_caught():
     cases = [{"problem": problem, "steps": steps, "first_error": None}, {"problem": problem, "steps": steps, "first_error": 1}]
     flat = [0.0, 0.0, 0.0]
     scores = [SimpleNamespace(self_consistency=sc, step_scores=flat) for sc in ([0.0, -0.1, -0.1], [0.0, -3.0, 0.0])]
-    perfect = {"threshold": -0.7, "accuracy": 1.0, "good_steps_kept": 1.0, "bad_steps_caught": 1.0}
+    perfect = {"threshold": -0.7, "accuracy": 1.0, "good_steps_kept": 1.0, "bad_steps_caught": 1.0, "first_error_found": 1.0}
     assert bench.label_quality(cases, scores, "self_consistency", -0.7) == perfect
-    # flat answer deltas pass every step: the 4 good steps kept, neither bad step caught
-    assert bench.label_quality(cases, scores, "answer_delta", -0.7) == {**perfect, "accuracy": 4 / 6, "bad_steps_caught": 0.0}
+    # flat answer deltas pass every step: the 4 good steps kept, neither bad step caught, the error not found
+    flat_labels = {**perfect, "accuracy": 4 / 6, "bad_steps_caught": 0.0, "first_error_found": 0.0}
+    assert bench.label_quality(cases, scores, "answer_delta", -0.7) == flat_labels
     assert bench.label_quality(cases, scores, "self_consistency", -5.0)["bad_steps_caught"] == 0.0  # too lenient
     report = bench.prm_label_report(cases, scores)
     assert report["self_consistency"]["best"]["bad_steps_caught"] == 1.0 and report["self_consistency"]["at_default"] == perfect

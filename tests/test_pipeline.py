@@ -204,6 +204,7 @@ def test_filters_count_every_drop_by_reason():
         trace(),  # same reasoning for the same problem
         trace(problem_id="q"),  # same reasoning, another problem: kept
         trace(steps=("1 + 1 = 3",)),
+        trace(steps=("1 + 1 = 3",)),  # a repeat of a filtered trace is a duplicate too, not a second PRM negative
         trace(steps=()),
         trace(steps=("1 = 1", "1 = 1", "1 + 1 = 2"), scores=(0.0, 0.0, 0.0)),
         trace(steps=("2 = 2", "1 + 1 = 2"), scores=(-5.0, 0.0)),
@@ -212,7 +213,7 @@ def test_filters_count_every_drop_by_reason():
     kept, filtered = filter_traces(traces, FilterSpec(min_step_score=-2.0, max_steps=2))
     assert len(kept) == 2 and [t.problem_id for t in kept] == ["p", "q"]
     assert all(t.filter_reason is None for t in kept)
-    expected = ["duplicate", "wrong_answer", "too_few_steps", "too_many_steps", "low_step_score", "arithmetic_error"]
+    expected = ["duplicate", "wrong_answer", "duplicate", "too_few_steps", "too_many_steps", "low_step_score", "arithmetic_error"]
     assert [t.filter_reason for t in filtered] == expected
     # PRM data: the accepted traces and those filtered for a fault in their reasoning, never a duplicate or an empty one
     prm = prm_rows(kept + filtered, validate_spec(small_spec(Path("out"))))
