@@ -65,6 +65,8 @@ def test_spec_errors_name_the_key_and_the_allowed_values():
     assert "parameters: ['lam', 'max_per_step']" in spec_error({"sampler": {"rule": "med_prefix", "rule_params": {"gamma": 1}}})
     assert "pinned revision" in spec_error({"model": {"id": "GSAI-ML/LLaDA-8B-Base", "trust_remote_code": True}})
     assert "min_steps <= max_steps" in spec_error({"source": {"min_steps": 4, "max_steps": 2}})
+    assert "label_source 'self_consistency' needs self_consistency: true" in spec_error({"scoring": {"self_consistency": False}})
+    assert "'self_consistency' or 'answer_delta'" in spec_error({"scoring": {"label_source": "rollout"}})
 
 
 def test_spec_file_errors_name_the_file(tmp_path):
