@@ -395,12 +395,13 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
         for c in cases
     ]
     total_steps = sum(len(c["steps"]) for c in cases)
-    methods, marginal_scores = {}, []
+    methods = {}
     marginal_names = ("one_pass", "result_consistency", "self_consistency", "combined")
     for estimator, names in (("marginal", marginal_names), ("chain", ("chain_rule",))):
         scorer = StepScorer(adapter, template, estimator=estimator, batch_size=batch_size)
         scores = scorer.score(traces, self_consistency=estimator == "marginal")
-        marginal_scores = marginal_scores or scores
+        if estimator == "marginal":
+            marginal_scores = scores
         prefix_rows = sum(len(scorer.prefix_rows(t)) for t in traces)
         consistency_rows = sum(len(scorer.consistency_rows(t)) for t in traces)
         passes = {
@@ -417,37 +418,47 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
     return methods, marginal_scores
 
 
+def true_first_error(case: dict) -> int | None:
+    """The first wrong step: the first departure from the gold steps, or the last step of a trace
+    that stops before the gold steps end (each step right, the conclusion missing)."""
+    if case["first_error"] is None and len(case["steps"]) < len(case["problem"].steps):
+        return len(case["steps"]) - 1
+    return case["first_error"]
+
+
 def label_quality(cases: list[dict], scores: list, source: str, threshold: float) -> dict:
     """How well the PRM step labels (`checks.step_labels`) match the truth: a step is good when it
-    comes before the trace's first departure from the gold steps. `first_error_found`: the share of
-    traces with an error whose first False label is at that first departure (ProcessBench's task)."""
+    comes before the trace's first wrong step. `first_error_found`: the share of traces with a wrong
+    step whose first False label is at it (ProcessBench's task). None where nothing was counted."""
     counts, found, with_error = Counter(), 0, 0
     for case, trace_scores in zip(cases, scores):
         labels = step_labels(case["steps"], str(case["problem"].answer), getattr(trace_scores, LABEL_SOURCES[source]), threshold)
+        first_error = true_first_error(case)
         for j, label in enumerate(labels):
-            good = case["first_error"] is None or j < case["first_error"]
-            counts[(good, label)] += 1
-        if case["first_error"] is not None:
+            counts[(first_error is None or j < first_error, label)] += 1
+        if first_error is not None:
             with_error += 1
-            found += next((j for j, label in enumerate(labels) if not label), None) == case["first_error"]
+            found += next((j for j, label in enumerate(labels) if not label), None) == first_error
     good, bad = counts[(True, True)] + counts[(True, False)], counts[(False, True)] + counts[(False, False)]
+    share = lambda hits, total: hits / total if total else None  # noqa: E731
     return {
         "threshold": threshold,
-        "accuracy": (counts[(True, True)] + counts[(False, False)]) / max(1, good + bad),
-        "good_steps_kept": counts[(True, True)] / max(1, good),
-        "bad_steps_caught": counts[(False, False)] / max(1, bad),
-        "first_error_found": found / max(1, with_error),
+        "accuracy": share(counts[(True, True)] + counts[(False, False)], good + bad),
+        "good_steps_kept": share(counts[(True, True)], good),
+        "bad_steps_caught": share(counts[(False, False)], bad),
+        "first_error_found": share(found, with_error),
     }
 
 
 def prm_label_report(cases: list[dict], scores: list) -> dict:
     """Per label source: the labels at the spec's default threshold, and the threshold of the grid
-    with the best balanced accuracy (to calibrate another model)."""
+    with the best balanced accuracy (to calibrate another model; only with both good and bad steps)."""
     report = {}
     for source in LABEL_SOURCES:
+        report[source] = {"at_default": label_quality(cases, scores, source, ScoringSpec().label_threshold)}
         sweep = [label_quality(cases, scores, source, t) for t in LABEL_THRESHOLD_GRID]
-        best = max(sweep, key=lambda q: q["good_steps_kept"] + q["bad_steps_caught"])
-        report[source] = {"at_default": label_quality(cases, scores, source, ScoringSpec().label_threshold), "best": best}
+        if all(q["good_steps_kept"] is not None and q["bad_steps_caught"] is not None for q in sweep):
+            report[source]["best"] = max(sweep, key=lambda q: q["good_steps_kept"] + q["bad_steps_caught"])
     return report
 
 
@@ -539,7 +550,9 @@ def cli_scoring(argv: list[str]) -> None:
             "errors are the ones the factory has to catch.\n\n" + scoring_table(own["methods"], OWN_KINDS) + "\n"
             "\nThe `prm` config's step labels on these traces, against the truth (a step is good before the first departure): "
             "a label turns False at the first step whose score is below the threshold, whose equation is false, or (the last "
-            "step) that misses the gold answer. `at_default` is the build spec's default threshold; `best` the grid's best "
-            "balanced accuracy.\n\n" + prm_label_table(own["prm_labels"]) + "\n"
+            "step) that misses the gold answer. A trace that stops short of the gold steps errs at its last step. "
+            "`at_default` is the default `scoring.label_threshold`; `best` the grid's best balanced accuracy.\n\n"
+            + prm_label_table(own["prm_labels"])
+            + "\n"
         )
     write_section("scoring", md, args.docs)

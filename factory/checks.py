@@ -17,9 +17,10 @@ NUMBER = re.compile(_NUMBER)
 EQUATION = re.compile(rf"((?:{_NUMBER}\s*{_OP}\s*)+{_NUMBER})\s*=\s*({_NUMBER})")
 TERM = re.compile(rf"({_NUMBER})\s*({_OP}?)\s*")
 
-# Filter reasons that judge the reasoning itself. Such traces are wrong somewhere, so they are kept
-# as PRM data (their labels turn False at the first step that fails), not only counted.
-REASONING_FAULTS = frozenset({"wrong_answer", "arithmetic_error", "low_step_score"})
+# Filter reasons that prove the reasoning wrong, by the same exact checks `step_labels` makes: such a
+# trace is a PRM negative whose labels turn False at the step that fails. (A low answer-conditioned
+# score is a guess, and the labels may come from another score, so low_step_score is not one.)
+REASONING_FAULTS = ("wrong_answer", "arithmetic_error")
 
 
 def final_number(steps: list[str]) -> int | None:

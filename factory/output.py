@@ -7,7 +7,7 @@
     OUT/data/{traces,filtered,sft,prm}/train-00003-of-00008.parquet   one file per shard, from the parts
     OUT/data/rejected/train-00000-of-00001.parquet
     OUT/README.md                          dataset card; its `configs:` front matter names the data files
-    OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, means
+    OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, rows per config, means
 
 Every file is written to a temporary name and renamed into place, so a build killed at any moment
 leaves each file either complete or absent, and a shard either done (marker present) or to redo.
@@ -214,9 +214,9 @@ answer slots, scored every step with the model itself (no rollouts, no other mod
 | `prm` | TRL stepwise `prompt`, step `completions`, `labels` and the `label_scores` behind them; `accepted` False: a filtered trace |
 | `rejected` | source rows that could not be used, with the reason |
 
-`prm` holds the accepted traces and those filtered for a fault in their reasoning (wrong answer,
-false equation, low step score). A step's label is True while it and every step before it pass: {label_source} score at least
-{label_threshold} nats, a true equation, and for the last step the gold answer reached.
+`prm` holds the accepted traces and, as negatives, those filtered for {faults}. A step's label
+is True while it and every step before it pass: {label_source} score at least {label_threshold}
+nats, a true equation, and for the last step the gold answer reached.
 
 Rejected rows: {rejected}. Filtered traces: {filtered}. Mean forward passes per trace: {mean_nfe}.
 Configs with no rows, left out of `configs` because `datasets` cannot load an empty config: {empty}.
@@ -243,6 +243,7 @@ def dataset_card(spec: BuildSpec, manifest: dict) -> str:
     body = CARD_BODY.format(
         **{k: manifest[k] for k in ("model", "code_version", "spec_hash", "traces_sampled", "problems", "accepted")},
         label_source=spec.scoring.label_source,
+        faults=" or ".join(REASONING_FAULTS),
         label_threshold=spec.scoring.label_threshold,
         rejected=manifest["rejected"]["by_reason"] or "none",
         filtered=manifest["filtered"]["by_reason"] or "none",

@@ -110,7 +110,7 @@ class ShardSummary(BaseModel):
     problems: int
     sampled: int
     accepted: int
-    filtered: dict[str, int] = Field(description="dropped traces by reason")
+    filtered: dict[str, int] = Field(description="filtered traces by reason (kept in the `filtered` config)")
     nfe_sum: int = Field(description="over all sampled traces")
     step_score_sum: float = Field(description="over all steps of all sampled traces")
     step_count: int

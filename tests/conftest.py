@@ -1,5 +1,7 @@
+import atexit
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -21,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # across sessions, so a test could load an earlier session's rows (seen: a column added since was
 # missing). A cache of this session's own keeps every load honest.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

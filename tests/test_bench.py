@@ -6,6 +6,7 @@ import pytest
 from factory import bench
 from factory.cli import main as factory_main
 from factory.sources.synthetic import SyntheticConfig, generate
+from schemas.spec import ScoringSpec
 
 
 def test_auroc_matches_pairwise_definition():
@@ -65,20 +66,29 @@ def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
     assert set(own["methods"]) == {"one_pass", "chain_rule", "result_consistency", "self_consistency", "combined"}
     assert all(set(m["auroc_by_kind"]) == set(bench.OWN_KINDS) for m in own["methods"].values())
     assert set(own["prm_labels"]) == {"self_consistency", "answer_delta"}
-    assert all(0 <= q["accuracy"] <= 1 for by in own["prm_labels"].values() for q in by.values())
+    for by in own["prm_labels"].values():  # the best threshold of the grid is at least as good as the default
+        assert by["at_default"]["threshold"] == ScoringSpec().label_threshold
+        if "best" in by:
+            balanced = lambda q: q["good_steps_kept"] + q["bad_steps_caught"]  # noqa: E731
+            assert balanced(by["best"]) >= balanced(by["at_default"])
 
 
 def test_prm_label_quality_counts_good_steps_kept_and_bad_steps_caught():
-    problem, steps = SimpleNamespace(answer=15), ["3 * 4 = 12", "12 + 5 = 17", "17 - 2 = 15"]
-    cases = [{"problem": problem, "steps": steps, "first_error": None}, {"problem": problem, "steps": steps, "first_error": 1}]
-    flat = [0.0, 0.0, 0.0]
-    scores = [SimpleNamespace(self_consistency=sc, step_scores=flat) for sc in ([0.0, -0.1, -0.1], [0.0, -3.0, 0.0])]
+    steps = ["3 * 4 = 12", "12 + 5 = 17", "17 - 2 = 15"]
+    problem = SimpleNamespace(answer=15, steps=steps)
+    cases = [
+        {"problem": problem, "steps": steps, "first_error": None},
+        {"problem": problem, "steps": steps, "first_error": 1},  # step 1 departs from the gold steps
+        {"problem": problem, "steps": steps[:2], "first_error": None},  # stops short: its last step is the wrong one
+    ]
+    self_consistency = ([0.0, -0.1, -0.1], [0.0, -3.0, 0.0], [0.0, -0.1])
+    scores = [SimpleNamespace(self_consistency=sc, step_scores=[0.0] * len(sc)) for sc in self_consistency]
     perfect = {"threshold": -0.7, "accuracy": 1.0, "good_steps_kept": 1.0, "bad_steps_caught": 1.0, "first_error_found": 1.0}
     assert bench.label_quality(cases, scores, "self_consistency", -0.7) == perfect
-    # flat answer deltas pass every step: the 4 good steps kept, neither bad step caught, the error not found
-    flat_labels = {**perfect, "accuracy": 4 / 6, "bad_steps_caught": 0.0, "first_error_found": 0.0}
+    # flat answer deltas pass every step: the exact checks alone catch the short trace, not the departure
+    flat_labels = {**perfect, "accuracy": 6 / 8, "bad_steps_caught": 1 / 3, "first_error_found": 0.5}
     assert bench.label_quality(cases, scores, "answer_delta", -0.7) == flat_labels
-    assert bench.label_quality(cases, scores, "self_consistency", -5.0)["bad_steps_caught"] == 0.0  # too lenient
+    assert bench.label_quality(cases, scores, "self_consistency", -5.0)["bad_steps_caught"] == 1 / 3  # too lenient: checks only
     report = bench.prm_label_report(cases, scores)
     assert report["self_consistency"]["best"]["bad_steps_caught"] == 1.0 and report["self_consistency"]["at_default"] == perfect
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from factory.checks import false_equation, filter_traces, final_number, step_labels
+from factory.checks import REASONING_FAULTS, false_equation, filter_traces, final_number, step_labels
 from factory.output import BuildDir, BuildError, prm_rows
 from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard
 from factory.sources import synthetic
@@ -191,7 +191,7 @@ def trace(problem_id="p", steps=("1 + 1 = 2",), gold="2", scores=(0.0,), reasoni
         prefix_logp=[0.0] * (len(scores) + 1),
         self_consistency=list(scores),
         min_step_score=min(scores, default=0.0),
-        step_labels=[True] * len(steps),
+        step_labels=step_labels(list(steps), gold, list(scores)[: len(steps)], threshold=-0.7),
     )
 
 
@@ -217,14 +217,13 @@ def test_filters_count_every_drop_by_reason():
     assert all(t.filter_reason is None for t in kept)
     expected = ["duplicate", "wrong_answer", "duplicate", "too_few_steps", "too_many_steps", "low_step_score", "arithmetic_error"]
     assert [t.filter_reason for t in filtered] == expected
-    # PRM data: the accepted traces and those filtered for a fault in their reasoning, never a duplicate or an empty one
+    # PRM data: the accepted traces and those the exact checks prove wrong, never a duplicate or an empty one
     prm = prm_rows(kept + filtered, validate_spec(small_spec(Path("out"))))
-    assert [(r.completions, r.accepted) for r in prm] == [
-        (["1 + 1 = 2"], True),
-        (["1 + 1 = 2"], True),
-        (["1 + 1 = 3"], False),
-        (["2 = 2", "1 + 1 = 2"], False),
-        (["9 / 2 = 30", "21 / 5 = 2"], False),
+    assert [(r.completions, r.labels, r.accepted) for r in prm] == [
+        (["1 + 1 = 2"], [True], True),
+        (["1 + 1 = 2"], [True], True),
+        (["1 + 1 = 3"], [False], False),
+        (["9 / 2 = 30", "21 / 5 = 2"], [False, False], False),
     ]
 
 
@@ -329,7 +328,7 @@ def test_build_with_ray_writes_a_loadable_dataset(straight_build):
     assert len(traces) == len(sft) == manifest["accepted"] > 0
     filtered = read_config(out, "filtered")
     assert len(filtered) == manifest["filtered"]["total"] and all(t["filter_reason"] for t in filtered)
-    negatives = [t for t in filtered if t["filter_reason"] in ("wrong_answer", "arithmetic_error") and t["steps"]]
+    negatives = [t for t in filtered if t["filter_reason"] in REASONING_FAULTS and t["steps"]]
     assert len(prm) == len(traces) + len(negatives) == manifest["rows"]["prm"]
     assert sum(not r["accepted"] for r in prm) == len(negatives)
     assert len({t["trace_id"] for t in traces}) == len(traces)
