@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from factory.checks import step_labels
+from factory.checks import false_equation, final_number, step_labels
 from factory.evaluate import accuracy_report
 from factory.models.adapter import ModelAdapter
 from factory.sampling.sampler import CanvasSampler, Request, SamplerConfig, seed_for
@@ -462,6 +462,26 @@ def prm_label_report(cases: list[dict], scores: list) -> dict:
     return report
 
 
+def sft_filter_report(cases: list[dict], scores: list) -> dict:
+    """What reaches the SFT data under the default filters: the traces that pass the exact checks
+    (gold answer reached, every equation true) and how many of them hold a wrong step; then the
+    same after the step-label filter."""
+    spec = ScoringSpec()
+    checked = [(c, s) for c, s in zip(cases, scores) if final_number(c["steps"]) == c["problem"].answer and not false_equation(c["steps"])]
+    labelled = [
+        (c, s)
+        for c, s in checked
+        if all(step_labels(c["steps"], str(c["problem"].answer), getattr(s, LABEL_SOURCES[spec.label_source]), spec.label_threshold))
+    ]
+    wrong = lambda pairs: sum(true_first_error(c) is not None for c, _ in pairs)  # noqa: E731
+    return {
+        "passed_checks": len(checked),
+        "wrong_among_them": wrong(checked),
+        "passed_step_labels": len(labelled),
+        "wrong_after_step_labels": wrong(labelled),
+    }
+
+
 def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: int = 0, batch_size: int = 128) -> dict:
     cases = encodable(template, scoring_cases(problems, seed))
     methods, _ = no_rollout_methods(adapter, template, cases, batch_size)
@@ -484,6 +504,7 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: 
             "by_kind": {k: sum(c["kind"] == k for c in own) for k in ("clean", *OWN_KINDS)},
             "methods": own_methods,
             "prm_labels": prm_label_report(own, own_scores),
+            "sft_filter": sft_filter_report(own, own_scores),
         }
     return report
 
@@ -553,6 +574,8 @@ def cli_scoring(argv: list[str]) -> None:
             "step) that misses the gold answer. A trace that stops short of the gold steps errs at its last step. "
             "`at_default` is the default `scoring.label_threshold`; `best` the grid's best balanced accuracy.\n\n"
             + prm_label_table(own["prm_labels"])
-            + "\n"
+            + "\n\nThe same traces through the build's filters: {passed_checks} pass the exact checks (gold answer reached, "
+            "every equation true), {wrong_among_them} of them with a wrong step; the step-label filter keeps "
+            "{passed_step_labels}, {wrong_after_step_labels} of them with a wrong step.\n".format(**own["sft_filter"])
         )
     write_section("scoring", md, args.docs)

@@ -17,10 +17,10 @@ NUMBER = re.compile(_NUMBER)
 EQUATION = re.compile(rf"((?:{_NUMBER}\s*{_OP}\s*)+{_NUMBER})\s*=\s*({_NUMBER})")
 TERM = re.compile(rf"({_NUMBER})\s*({_OP}?)\s*")
 
-# Filter reasons that prove the reasoning wrong, by the same exact checks `step_labels` makes: such a
-# trace is a PRM negative whose labels turn False at the step that fails. (A low answer-conditioned
-# score is a guess, and the labels may come from another score, so low_step_score is not one.)
-REASONING_FAULTS = ("wrong_answer", "arithmetic_error")
+# Filter reasons that mark a step of the reasoning bad, by the same checks `step_labels` makes: such a
+# trace is a PRM negative whose labels turn False at that step. (low_step_score reads the answer-
+# conditioned score, and the labels may come from another, so its traces may have no False label.)
+REASONING_FAULTS = ("wrong_answer", "arithmetic_error", "bad_step")
 
 
 def final_number(steps: list[str]) -> int | None:
@@ -82,6 +82,8 @@ def drop_reason(trace: TraceRow, filters: FilterSpec, seen: set[tuple[str, str]]
         return "arithmetic_error"
     if filters.min_step_score is not None and trace.min_step_score < filters.min_step_score:
         return "low_step_score"
+    if filters.step_labels and not all(trace.step_labels):
+        return "bad_step"
     return None
 
 

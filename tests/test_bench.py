@@ -66,6 +66,8 @@ def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
     assert set(own["methods"]) == {"one_pass", "chain_rule", "result_consistency", "self_consistency", "combined"}
     assert all(set(m["auroc_by_kind"]) == set(bench.OWN_KINDS) for m in own["methods"].values())
     assert set(own["prm_labels"]) == {"self_consistency", "answer_delta"}
+    sft = own["sft_filter"]
+    assert sft["passed_step_labels"] <= sft["passed_checks"] and sft["wrong_after_step_labels"] <= sft["wrong_among_them"]
     for by in own["prm_labels"].values():  # the best threshold of the grid is at least as good as the default
         assert by["at_default"]["threshold"] == ScoringSpec().label_threshold
         if "best" in by:
@@ -89,6 +91,9 @@ def test_prm_label_quality_counts_good_steps_kept_and_bad_steps_caught():
     flat_labels = {**perfect, "accuracy": 6 / 8, "bad_steps_caught": 1 / 3, "first_error_found": 0.5}
     assert bench.label_quality(cases, scores, "answer_delta", -0.7) == flat_labels
     assert bench.label_quality(cases, scores, "self_consistency", -5.0)["bad_steps_caught"] == 1 / 3  # too lenient: checks only
+    # into the SFT data: two traces pass the exact checks, one with a wrong step; the labels drop it
+    expected = {"passed_checks": 2, "wrong_among_them": 1, "passed_step_labels": 1, "wrong_after_step_labels": 0}
+    assert bench.sft_filter_report(cases, scores) == expected
     report = bench.prm_label_report(cases, scores)
     assert report["self_consistency"]["best"]["bad_steps_caught"] == 1.0 and report["self_consistency"]["at_default"] == perfect
 

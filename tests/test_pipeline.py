@@ -33,7 +33,7 @@ def small_spec(out: Path, **sections) -> dict:
     spec = {
         "source": {"kind": "synthetic", "n": 4},
         "sampler": {"k": 2, "rule": "med_prefix", "rule_params": {"lam": 0.3}, "temperature": 0.7},
-        "filters": {"answer_match": False, "min_steps": 0},
+        "filters": {"answer_match": False, "step_labels": False, "min_steps": 0},
         "output": {"dir": str(out), "shard_size": 2},
     }
     return {**spec, **sections}
@@ -211,11 +211,13 @@ def test_filters_count_every_drop_by_reason():
         trace(steps=("1 = 1", "1 = 1", "1 + 1 = 2"), scores=(0.0, 0.0, 0.0)),
         trace(steps=("2 = 2", "1 + 1 = 2"), scores=(-5.0, 0.0)),
         trace(steps=("9 / 2 = 30", "21 / 5 = 2"), scores=(0.0, 0.0)),  # ends at the gold answer by luck
+        trace(problem_id="r", scores=(-1.0,)),  # true and at the gold answer, but the model would not write it
     ]
     kept, filtered = filter_traces(traces, FilterSpec(min_step_score=-2.0, max_steps=2))
     assert len(kept) == 2 and [t.problem_id for t in kept] == ["p", "q"]
     assert all(t.filter_reason is None for t in kept)
-    expected = ["duplicate", "wrong_answer", "duplicate", "too_few_steps", "too_many_steps", "low_step_score", "arithmetic_error"]
+    expected = ["duplicate", "wrong_answer", "duplicate", "too_few_steps", "too_many_steps", "low_step_score"]
+    expected += ["arithmetic_error", "bad_step"]
     assert [t.filter_reason for t in filtered] == expected
     # PRM data: the accepted traces and those the exact checks prove wrong, never a duplicate or an empty one
     prm = prm_rows(kept + filtered, validate_spec(small_spec(Path("out"))))
@@ -224,6 +226,7 @@ def test_filters_count_every_drop_by_reason():
         (["1 + 1 = 2"], [True], True),
         (["1 + 1 = 3"], [False], False),
         (["9 / 2 = 30", "21 / 5 = 2"], [False, False], False),
+        (["1 + 1 = 2"], [False], False),
     ]
 
 
