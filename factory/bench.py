@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -426,13 +427,15 @@ def true_first_error(case: dict) -> int | None:
     return case["first_error"]
 
 
-def label_quality(cases: list[dict], scores: list, source: str, threshold: float) -> dict:
+def label_quality(cases: list[dict], scores: list, source: str, threshold: float | None) -> dict:
     """How well the PRM step labels (`checks.step_labels`) match the truth: a step is good when it
     comes before the trace's first wrong step. `first_error_found`: the share of traces with a wrong
-    step whose first False label is at it (ProcessBench's task). None where nothing was counted."""
+    step whose first False label is at it (ProcessBench's task). None where nothing was counted.
+    Threshold None: the exact checks alone, every score passing."""
     counts, found, with_error = Counter(), 0, 0
+    cut = -math.inf if threshold is None else threshold
     for case, trace_scores in zip(cases, scores):
-        labels = step_labels(case["steps"], str(case["problem"].answer), getattr(trace_scores, LABEL_SOURCES[source]), threshold)
+        labels = step_labels(case["steps"], str(case["problem"].answer), getattr(trace_scores, LABEL_SOURCES[source]), cut)
         first_error = true_first_error(case)
         for j, label in enumerate(labels):
             counts[(first_error is None or j < first_error, label)] += 1
@@ -452,13 +455,15 @@ def label_quality(cases: list[dict], scores: list, source: str, threshold: float
 
 def prm_label_report(cases: list[dict], scores: list) -> dict:
     """Per label source: the labels at the spec's default threshold, and the threshold of the grid
-    with the best balanced accuracy (to calibrate another model; only with both good and bad steps)."""
+    with the best balanced accuracy (to calibrate another model; only with both good and bad steps).
+    Then the exact checks alone, which every source builds on: what a score adds."""
     report = {}
     for source in LABEL_SOURCES:
         report[source] = {"at_default": label_quality(cases, scores, source, ScoringSpec().label_threshold)}
         sweep = [label_quality(cases, scores, source, t) for t in LABEL_THRESHOLD_GRID]
         if all(q["good_steps_kept"] is not None and q["bad_steps_caught"] is not None for q in sweep):
             report[source]["best"] = max(sweep, key=lambda q: q["good_steps_kept"] + q["bad_steps_caught"])
+    report["exact_checks_only"] = {"no_score": label_quality(cases, scores, "self_consistency", None)}
     return report
 
 
@@ -572,7 +577,8 @@ def cli_scoring(argv: list[str]) -> None:
             "\nThe `prm` config's step labels on these traces, against the truth (a step is good before the first departure): "
             "a label turns False at the first step whose score is below the threshold, whose equation is false, or (the last "
             "step) that misses the gold answer. A trace that stops short of the gold steps errs at its last step. "
-            "`at_default` is the default `scoring.label_threshold`; `best` the grid's best balanced accuracy.\n\n"
+            "`at_default` is the default `scoring.label_threshold`; `best` the grid's best balanced accuracy; "
+            "`exact_checks_only` the calculator and the gold answer alone, which every label source builds on.\n\n"
             + prm_label_table(own["prm_labels"])
             + "\n\nThe same traces through the build's filters: {passed_checks} pass the exact checks (gold answer reached, "
             "every equation true), {wrong_among_them} of them with a wrong step; the step-label filter keeps "

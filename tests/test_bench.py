@@ -65,10 +65,10 @@ def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
     assert own["sampled"] == 6 and own["traces"] == sum(own["by_kind"].values()) <= 6
     assert set(own["methods"]) == {"one_pass", "chain_rule", "result_consistency", "self_consistency", "combined"}
     assert all(set(m["auroc_by_kind"]) == set(bench.OWN_KINDS) for m in own["methods"].values())
-    assert set(own["prm_labels"]) == {"self_consistency", "answer_delta"}
+    assert set(own["prm_labels"]) == {"self_consistency", "answer_delta", "exact_checks_only"}
     sft = own["sft_filter"]
     assert sft["passed_step_labels"] <= sft["passed_checks"] and sft["wrong_after_step_labels"] <= sft["wrong_among_them"]
-    for by in own["prm_labels"].values():  # the best threshold of the grid is at least as good as the default
+    for by in (own["prm_labels"][source] for source in ("self_consistency", "answer_delta")):  # best >= default
         assert by["at_default"]["threshold"] == ScoringSpec().label_threshold
         if "best" in by:
             balanced = lambda q: q["good_steps_kept"] + q["bad_steps_caught"]  # noqa: E731
@@ -96,6 +96,7 @@ def test_prm_label_quality_counts_good_steps_kept_and_bad_steps_caught():
     assert bench.sft_filter_report(cases, scores) == expected
     report = bench.prm_label_report(cases, scores)
     assert report["self_consistency"]["best"]["bad_steps_caught"] == 1.0 and report["self_consistency"]["at_default"] == perfect
+    assert report["exact_checks_only"]["no_score"] == {**flat_labels, "threshold": None}  # the checks see only the short trace
 
 
 def test_eval_command_writes_the_report(tmp_path, capsys):
