@@ -4,8 +4,8 @@
     OUT/_build/shards/00003.traces.parquet   accepted traces of shard 3
     OUT/_build/shards/00003.filtered.parquet the shard's other traces, each with its filter_reason
     OUT/_build/shards/00003.done.json        its completion marker (a ShardSummary), written after the part
-    OUT/data/{traces,filtered,sft,prm}/train-00003-of-00008.parquet   one file per shard, from the parts
-    OUT/data/rejected/train-00000-of-00001.parquet
+    OUT/data/{traces,filtered,sft,prm}/train-00003-of-00008-<fingerprint>.parquet   one file per shard, from the parts
+    OUT/data/rejected/train-00000-of-00001-<fingerprint>.parquet
     OUT/README.md                          dataset card; its `configs:` front matter names the data files
     OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, rows per config, means
 
@@ -15,6 +15,7 @@ leaves each file either complete or absent, and a shard either done (marker pres
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -61,8 +62,8 @@ def write_empty_parquet(schema: pa.Schema, path: Path) -> None:
     pq.ParquetWriter(path, schema).close()
 
 
-def data_file(config: str, index: int, count: int) -> str:
-    return f"data/{config}/train-{index:05d}-of-{count:05d}.parquet"
+def data_file(config: str, index: int, count: int, fingerprint: str) -> str:
+    return f"data/{config}/train-{index:05d}-of-{count:05d}-{fingerprint}.parquet"
 
 
 # ---- the derived configs -------------------------------------------------------------------
@@ -141,8 +142,21 @@ class BuildDir:
     def summaries(self, num_shards: int) -> list[ShardSummary]:
         return [ShardSummary.model_validate_json(self.marker(i).read_text()) for i in range(num_shards)]
 
+    def fingerprint(self, num_shards: int, rejected: list[Rejected]) -> str:
+        """A digest of everything the dataset is made from. It goes into the data file names and
+        the card's file patterns: `datasets` caches a local dataset by its card, not its files'
+        contents, so a directory deleted and rebuilt with other rows loaded the old rows."""
+        digest = hashlib.sha256()
+        for shard in range(num_shards):
+            for path in (self.part(shard), self.filtered_part(shard)):
+                digest.update(path.read_bytes())
+        digest.update("".join(r.model_dump_json() for r in rejected).encode())
+        return digest.hexdigest()[:12]
+
     def assemble(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> dict:
-        """Write the dataset from the finished shards; returns the manifest."""
+        """Write the dataset from the finished shards, then remove data files an earlier assembly
+        left (the configs load every file that matches); returns the manifest."""
+        fingerprint = self.fingerprint(num_shards, rejected)
         files: dict[str, list[str]] = {name: [] for name in CONFIGS}
         counts = dict.fromkeys(CONFIGS, 0)
         for shard in range(num_shards):
@@ -150,17 +164,20 @@ class BuildDir:
             sft, prm = [sft_row(t, spec) for t in traces], prm_rows(traces + filtered, spec)
             derived = {"traces": traces, "filtered": filtered, "sft": sft, "prm": prm}
             for name, rows in derived.items():
-                files[name].append(self.write_rows(name, rows, shard, num_shards))
+                files[name].append(self.write_rows(name, rows, data_file(name, shard, num_shards, fingerprint)))
                 counts[name] += len(rows)
-        files["rejected"].append(self.write_rows("rejected", rejected, 0, 1))
+        files["rejected"].append(self.write_rows("rejected", rejected, data_file("rejected", 0, 1, fingerprint)))
         counts["rejected"] = len(rejected)
-        manifest = build_manifest(spec, self.summaries(num_shards), rejected, files, counts)
+        written = {name for names in files.values() for name in names}
+        for stale in (self.root / "data").glob("*/*.parquet"):
+            if stale.relative_to(self.root).as_posix() not in written:
+                stale.unlink()
+        manifest = build_manifest(spec, self.summaries(num_shards), rejected, files, counts) | {"fingerprint": fingerprint}
         write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         write_text(self.root / "README.md", dataset_card(spec, manifest))
         return manifest
 
-    def write_rows(self, config: str, rows: list, index: int, count: int) -> str:
-        name = data_file(config, index, count)
+    def write_rows(self, config: str, rows: list, name: str) -> str:
         write_parquet(self.root / name, to_table(rows, CONFIGS[config]))
         return name
 
@@ -236,7 +253,8 @@ sft = load_dataset("path/to/this/dir", "sft", split="train")
 def dataset_card(spec: BuildSpec, manifest: dict) -> str:
     """`datasets` cannot load a config whose files hold no rows at all, so only configs with rows are listed."""
     listed = [name for name in CONFIGS if name not in manifest["empty_configs"]]
-    configs = [{"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}/train-*.parquet"}]} for name in listed]
+    pattern = "data/{}/train-*-" + manifest["fingerprint"] + ".parquet"
+    configs = [{"config_name": name, "data_files": [{"split": "train", "path": pattern.format(name)}]} for name in listed]
     if configs:
         configs[0]["default"] = True
     front = yaml.safe_dump({"configs": configs}, sort_keys=False)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,6 +278,26 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     assert manifest["rows"] == {"traces": 6, "filtered": 0, "sft": 6, "prm": 6, "rejected": 0}
 
 
+def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, template):
+    """`datasets` caches a local dataset by its file paths, not their contents: a directory deleted and
+    rebuilt with other rows loaded the old ones until the file names carried a digest of the rows."""
+    spec = validate_spec(small_spec(tmp_path / "out", source={"kind": "synthetic", "n": 3}))
+    problems, rejected = load_problems(spec.source, template)
+    maker, out = TraceMaker(spec, adapter=tiny_adapter), BuildDir(spec.output.dir)
+    loaded = []
+    for n in (3, 1):
+        shutil.rmtree(out.root, ignore_errors=True)
+        out.claim(spec)
+        out.write_shard(process_shard(maker, 0, problems[:n]))
+        manifest = out.assemble(spec, 1, rejected)
+        loaded.append(len(load_config(out.root, "traces")))
+    assert loaded == [6, 2]
+    # assembling again writes the same files; a file an earlier assembly left is removed, not loaded twice
+    stale = out.root / "data" / "traces" / "train-00000-of-00001-000000000000.parquet"
+    stale.write_bytes((out.root / manifest["files"]["traces"][0]).read_bytes())
+    assert out.assemble(spec, 1, rejected)["files"] == manifest["files"] and not stale.exists()
+
+
 def test_an_output_dir_is_resumed_only_by_its_own_spec(tmp_path):
     spec = validate_spec(small_spec(tmp_path / "out"))
     BuildDir(tmp_path / "out").claim(spec)
@@ -340,7 +361,8 @@ def test_build_with_ray_writes_a_loadable_dataset(straight_build):
         user, assistant = row["messages"]
         assert user["content"] == questions[row["trace_id"]] and "boxed" not in user["content"]
     assert [r["reason"] for r in load_config(out, "rejected")] == ["non_numeric_answer", "empty_question"]
-    assert sorted(p.name for p in (out / "data" / "traces").iterdir()) == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    names = sorted(p.name for p in (out / "data" / "traces").iterdir())
+    assert names == [f"train-0000{i}-of-00003-{manifest['fingerprint']}.parquet" for i in range(3)]
 
 
 @pytest.mark.slow
