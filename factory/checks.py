@@ -17,11 +17,6 @@ NUMBER = re.compile(_NUMBER)
 EQUATION = re.compile(rf"((?:{_NUMBER}\s*{_OP}\s*)+{_NUMBER})\s*=\s*({_NUMBER})")
 TERM = re.compile(rf"({_NUMBER})\s*({_OP}?)\s*")
 
-# Filter reasons that mark a step of the reasoning bad, by the same checks `step_labels` makes: such a
-# trace is a PRM negative whose labels turn False at that step. (low_step_score reads the answer-
-# conditioned score, and the labels may come from another, so its traces may have no False label.)
-REASONING_FAULTS = ("wrong_answer", "arithmetic_error", "bad_step")
-
 
 def final_number(steps: list[str]) -> int | None:
     """The last number written in the last step (its result), or None."""

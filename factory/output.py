@@ -7,7 +7,7 @@
     OUT/data/{traces,filtered,sft,prm}/train-00003-of-00008-<fingerprint>.parquet   one file per shard, from the parts
     OUT/data/rejected/train-00000-of-00001-<fingerprint>.parquet
     OUT/README.md                          dataset card; its `configs:` front matter names the data files
-    OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, rows per config, means
+    OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, rows per config, means, fingerprint
 
 Every file is written to a temporary name and renamed into place, so a build killed at any moment
 leaves each file either complete or absent, and a shard either done (marker present) or to redo.
@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 import yaml
 
 import factory
-from factory.checks import REASONING_FAULTS
 from factory.scoring import LABEL_SOURCES
 from schemas.arrow import arrow_schema, from_table, to_table
 from schemas.records import ChatMessage, PRMRow, Rejected, SFTRow, ShardResult, ShardSummary, TraceRow
@@ -78,9 +77,11 @@ def sft_row(trace: TraceRow, spec: BuildSpec) -> SFTRow:
 
 
 def prm_rows(traces: list[TraceRow], spec: BuildSpec) -> list[PRMRow]:
-    """Accepted traces and those filtered for a fault in their reasoning: a PRM learns from both."""
+    """The accepted traces, and as negatives the filtered ones with a step labelled bad (whatever
+    filter caught them first; a duplicate never): a PRM learns from both."""
     source = LABEL_SOURCES[spec.scoring.label_source]
-    return [prm_row(t, getattr(t, source)) for t in traces if t.steps and (t.filter_reason is None or t.filter_reason in REASONING_FAULTS)]
+    negative = lambda t: t.filter_reason != "duplicate" and not all(t.step_labels)  # noqa: E731
+    return [prm_row(t, getattr(t, source)) for t in traces if t.steps and (t.filter_reason is None or negative(t))]
 
 
 def prm_row(trace: TraceRow, label_scores: list[float]) -> PRMRow:
@@ -142,39 +143,43 @@ class BuildDir:
     def summaries(self, num_shards: int) -> list[ShardSummary]:
         return [ShardSummary.model_validate_json(self.marker(i).read_text()) for i in range(num_shards)]
 
-    def fingerprint(self, num_shards: int, rejected: list[Rejected]) -> str:
-        """A digest of everything the dataset is made from. It goes into the data file names and
-        the card's file patterns: `datasets` caches a local dataset by its card, not its files'
-        contents, so a directory deleted and rebuilt with other rows loaded the old rows."""
+    def derive(self, spec: BuildSpec, shard: int) -> dict[str, list]:
+        """A shard's rows of every config but `rejected`."""
+        traces, filtered = (read_traces(path) for path in (self.part(shard), self.filtered_part(shard)))
+        return {"traces": traces, "filtered": filtered, "sft": [sft_row(t, spec) for t in traces], "prm": prm_rows(traces + filtered, spec)}
+
+    def fingerprint(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> str:
+        """A digest of every row the dataset holds. It names the data files and the card's file
+        patterns: `datasets` caches a local dataset by its card, not by its files' contents, so a
+        directory deleted and rebuilt with other rows loaded the old rows."""
         digest = hashlib.sha256()
         for shard in range(num_shards):
-            for path in (self.part(shard), self.filtered_part(shard)):
-                digest.update(path.read_bytes())
-        digest.update("".join(r.model_dump_json() for r in rejected).encode())
+            for name, rows in self.derive(spec, shard).items():
+                digest.update(name.encode() + "".join(r.model_dump_json() for r in rows).encode())
+        digest.update(b"rejected" + "".join(r.model_dump_json() for r in rejected).encode())
         return digest.hexdigest()[:12]
 
     def assemble(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> dict:
-        """Write the dataset from the finished shards, then remove data files an earlier assembly
-        left (the configs load every file that matches); returns the manifest."""
-        fingerprint = self.fingerprint(num_shards, rejected)
+        """Write the dataset from the finished shards; returns the manifest. Data files of an
+        earlier assembly are removed only after the card points at the new ones, so a kill at any
+        moment leaves a directory that loads."""
+        fingerprint = self.fingerprint(spec, num_shards, rejected)
         files: dict[str, list[str]] = {name: [] for name in CONFIGS}
         counts = dict.fromkeys(CONFIGS, 0)
         for shard in range(num_shards):
-            traces, filtered = (read_traces(path) for path in (self.part(shard), self.filtered_part(shard)))
-            sft, prm = [sft_row(t, spec) for t in traces], prm_rows(traces + filtered, spec)
-            derived = {"traces": traces, "filtered": filtered, "sft": sft, "prm": prm}
-            for name, rows in derived.items():
+            for name, rows in self.derive(spec, shard).items():
                 files[name].append(self.write_rows(name, rows, data_file(name, shard, num_shards, fingerprint)))
                 counts[name] += len(rows)
         files["rejected"].append(self.write_rows("rejected", rejected, data_file("rejected", 0, 1, fingerprint)))
         counts["rejected"] = len(rejected)
-        written = {name for names in files.values() for name in names}
-        for stale in (self.root / "data").glob("*/*.parquet"):
-            if stale.relative_to(self.root).as_posix() not in written:
-                stale.unlink()
         manifest = build_manifest(spec, self.summaries(num_shards), rejected, files, counts) | {"fingerprint": fingerprint}
         write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         write_text(self.root / "README.md", dataset_card(spec, manifest))
+        written = {name for names in files.values() for name in names}
+        for config in CONFIGS:  # only files the factory names, never a user's own
+            for stale in (self.root / "data" / config).glob("train-?????-of-?????-*.parquet"):
+                if stale.relative_to(self.root).as_posix() not in written:
+                    stale.unlink()
         return manifest
 
     def write_rows(self, config: str, rows: list, name: str) -> str:
@@ -231,9 +236,10 @@ answer slots, scored every step with the model itself (no rollouts, no other mod
 | `prm` | TRL stepwise `prompt`, step `completions`, `labels` and the `label_scores` behind them; `accepted` False: a filtered trace |
 | `rejected` | source rows that could not be used, with the reason |
 
-`prm` holds the accepted traces and, as negatives, those filtered for {faults}. A step's label
-is True while it and every step before it pass: {label_source} score at least {label_threshold}
-nats, a true equation, and for the last step the gold answer reached.
+`prm` holds the accepted traces and, as negatives, the filtered ones with a step labelled bad
+(`accepted` False; never a duplicate). A step's label is True while it and every step before it
+pass: {label_source} score at least {label_threshold} nats, a true equation, and for the last step
+the gold answer reached.
 
 Rejected rows: {rejected}. Filtered traces: {filtered}. Mean forward passes per trace: {mean_nfe}.
 Configs with no rows, left out of `configs` because `datasets` cannot load an empty config: {empty}.
@@ -261,7 +267,6 @@ def dataset_card(spec: BuildSpec, manifest: dict) -> str:
     body = CARD_BODY.format(
         **{k: manifest[k] for k in ("model", "code_version", "spec_hash", "traces_sampled", "problems", "accepted")},
         label_source=spec.scoring.label_source,
-        faults=" or ".join(REASONING_FAULTS),
         label_threshold=spec.scoring.label_threshold,
         rejected=manifest["rejected"]["by_reason"] or "none",
         filtered=manifest["filtered"]["by_reason"] or "none",

@@ -167,7 +167,9 @@ class FilterSpec(BaseModel):
     answer_match: bool = Field(True, description="the last number of the last step must equal the gold answer")
     verify_arithmetic: bool = Field(True, description="every 'a op b = c' in a step must be true (a calculator check)")
     min_step_score: float | None = Field(None, description="drop traces with any step score below this")
-    step_labels: bool = Field(True, description="drop traces with a step labelled bad (scoring.label_source below label_threshold)")
+    step_labels: bool = Field(
+        True, description="drop traces with a step labelled bad: a low label_source score, a false equation or the gold answer missed"
+    )
     dedupe: bool = Field(True, description="drop exact duplicate reasoning within a problem")
     min_steps: int = Field(1, ge=0)
     max_steps: int | None = Field(None, ge=1)

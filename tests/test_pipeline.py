@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from factory.checks import REASONING_FAULTS, false_equation, filter_traces, final_number, step_labels
+from factory.checks import false_equation, filter_traces, final_number, step_labels
 from factory.output import BuildDir, BuildError, prm_rows
 from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard
 from factory.sources import synthetic
@@ -220,12 +220,13 @@ def test_filters_count_every_drop_by_reason():
     expected = ["duplicate", "wrong_answer", "duplicate", "too_few_steps", "too_many_steps", "low_step_score"]
     expected += ["arithmetic_error", "bad_step"]
     assert [t.filter_reason for t in filtered] == expected
-    # PRM data: the accepted traces and those the exact checks prove wrong, never a duplicate or an empty one
+    # PRM data: the accepted traces and the filtered ones with a False label, never a duplicate or an empty one
     prm = prm_rows(kept + filtered, validate_spec(small_spec(Path("out"))))
     assert [(r.completions, r.labels, r.accepted) for r in prm] == [
         (["1 + 1 = 2"], [True], True),
         (["1 + 1 = 2"], [True], True),
         (["1 + 1 = 3"], [False], False),
+        (["2 = 2", "1 + 1 = 2"], [False, False], False),  # low_step_score, and its labels say so too
         (["9 / 2 = 30", "21 / 5 = 2"], [False, False], False),
         (["1 + 1 = 2"], [False], False),
     ]
@@ -279,8 +280,8 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
 
 
 def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, template):
-    """`datasets` caches a local dataset by its file paths, not their contents: a directory deleted and
-    rebuilt with other rows loaded the old ones until the file names carried a digest of the rows."""
+    """`datasets` caches a local dataset by its card, not its files' contents: a directory deleted and
+    rebuilt with other rows loaded the old ones until the card's file patterns carried a digest of the rows."""
     spec = validate_spec(small_spec(tmp_path / "out", source={"kind": "synthetic", "n": 3}))
     problems, rejected = load_problems(spec.source, template)
     maker, out = TraceMaker(spec, adapter=tiny_adapter), BuildDir(spec.output.dir)
@@ -292,10 +293,12 @@ def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, te
         manifest = out.assemble(spec, 1, rejected)
         loaded.append(len(load_config(out.root, "traces")))
     assert loaded == [6, 2]
-    # assembling again writes the same files; a file an earlier assembly left is removed, not loaded twice
-    stale = out.root / "data" / "traces" / "train-00000-of-00001-000000000000.parquet"
-    stale.write_bytes((out.root / manifest["files"]["traces"][0]).read_bytes())
-    assert out.assemble(spec, 1, rejected)["files"] == manifest["files"] and not stale.exists()
+    # assembling again writes the same files; a data file an earlier assembly left is removed, a user's own file kept
+    stale, mine = (out.root / "data" / "traces" / name for name in ("train-00000-of-00001-000000000000.parquet", "mine.parquet"))
+    for path in (stale, mine):
+        path.write_bytes((out.root / manifest["files"]["traces"][0]).read_bytes())
+    assert out.assemble(spec, 1, rejected)["files"] == manifest["files"] and not stale.exists() and mine.exists()
+    assert len(load_config(out.root, "traces")) == 2
 
 
 def test_an_output_dir_is_resumed_only_by_its_own_spec(tmp_path):
@@ -352,7 +355,7 @@ def test_build_with_ray_writes_a_loadable_dataset(straight_build):
     assert len(traces) == len(sft) == manifest["accepted"] > 0
     filtered = read_config(out, "filtered")
     assert len(filtered) == manifest["filtered"]["total"] and all(t["filter_reason"] for t in filtered)
-    negatives = [t for t in filtered if t["filter_reason"] in REASONING_FAULTS and t["steps"]]
+    negatives = [t for t in filtered if t["filter_reason"] != "duplicate" and not all(t["step_labels"])]
     assert len(prm) == len(traces) + len(negatives) == manifest["rows"]["prm"]
     assert sum(not r["accepted"] for r in prm) == len(negatives)
     assert len({t["trace_id"] for t in traces}) == len(traces)
