@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from factory.checks import false_equation, final_number, step_labels
+from factory.checks import step_labels
 from factory.evaluate import accuracy_report
 from factory.models.adapter import ModelAdapter
 from factory.sampling.sampler import CanvasSampler, Request, SamplerConfig, seed_for
@@ -427,15 +427,20 @@ def true_first_error(case: dict) -> int | None:
     return case["first_error"]
 
 
+def case_labels(case: dict, trace_scores, source: str, threshold: float | None) -> list[bool]:
+    """A case's PRM step labels from one label source; threshold None: the exact checks alone."""
+    scores = getattr(trace_scores, LABEL_SOURCES[source])
+    return step_labels(case["steps"], str(case["problem"].answer), scores, -math.inf if threshold is None else threshold)
+
+
 def label_quality(cases: list[dict], scores: list, source: str, threshold: float | None) -> dict:
     """How well the PRM step labels (`checks.step_labels`) match the truth: a step is good when it
     comes before the trace's first wrong step. `first_error_found`: the share of traces with a wrong
     step whose first False label is at it (ProcessBench's task). None where nothing was counted.
-    Threshold None: the exact checks alone, every score passing."""
+    Threshold None: the exact checks alone."""
     counts, found, with_error = Counter(), 0, 0
-    cut = -math.inf if threshold is None else threshold
     for case, trace_scores in zip(cases, scores):
-        labels = step_labels(case["steps"], str(case["problem"].answer), getattr(trace_scores, LABEL_SOURCES[source]), cut)
+        labels = case_labels(case, trace_scores, source, threshold)
         first_error = true_first_error(case)
         for j, label in enumerate(labels):
             counts[(first_error is None or j < first_error, label)] += 1
@@ -472,12 +477,8 @@ def sft_filter_report(cases: list[dict], scores: list) -> dict:
     (gold answer reached, every equation true) and how many of them hold a wrong step; then the
     same after the step-label filter."""
     spec = ScoringSpec()
-    checked = [(c, s) for c, s in zip(cases, scores) if final_number(c["steps"]) == c["problem"].answer and not false_equation(c["steps"])]
-    labelled = [
-        (c, s)
-        for c, s in checked
-        if all(step_labels(c["steps"], str(c["problem"].answer), getattr(s, LABEL_SOURCES[spec.label_source]), spec.label_threshold))
-    ]
+    checked = [(c, s) for c, s in zip(cases, scores) if all(case_labels(c, s, spec.label_source, None))]
+    labelled = [(c, s) for c, s in checked if all(case_labels(c, s, spec.label_source, spec.label_threshold))]
     wrong = lambda pairs: sum(true_first_error(c) is not None for c, _ in pairs)  # noqa: E731
     return {
         "passed_checks": len(checked),

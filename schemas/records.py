@@ -85,7 +85,7 @@ class PRMRow(BaseModel):
     completions: list[str]
     labels: list[bool]
     label_scores: list[float] = Field(description="the per-step scores the labels were thresholded from (the spec's label_source)")
-    accepted: bool = Field(description="whether the trace passed every filter (False: a reasoning fault, kept as a negative)")
+    accepted: bool = Field(description="whether the trace passed every filter (False: a filtered trace with a step labelled bad)")
     trace_id: str
     problem_id: str
 

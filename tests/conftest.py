@@ -19,9 +19,9 @@ from factory.template import ReasoningTemplate
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# `datasets` caches a local dataset under its directory's path, and pytest reuses its tmp paths
-# across sessions, so a test could load an earlier session's rows (seen: a column added since was
-# missing). A cache of this session's own keeps every load honest.
+# `datasets` caches a local dataset by its card, not its files' contents, and pytest reuses its tmp
+# paths across sessions, so a test could load an earlier session's rows (seen: a column added since
+# was missing). A cache of this session's own keeps every load honest.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
