@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-import factory
+from factory.provenance import code_version
 from factory.scoring import LABEL_SOURCES
 from schemas.arrow import arrow_schema, from_table, to_table
 from schemas.records import ChatMessage, PRMRow, Rejected, SFTRow, ShardResult, ShardSummary, TraceRow
@@ -116,14 +116,14 @@ class BuildDir:
 
     def claim(self, spec: BuildSpec) -> None:
         """Start or resume a build of `spec` here; refuse a directory that holds anything else."""
-        wanted = {"spec_hash": spec.spec_hash(), "shard_size": spec.output.shard_size}
+        wanted = {"spec_hash": spec.spec_hash(), "shard_size": spec.output.shard_size, "code_version": code_version()}
         if self.state.exists():
             found = json.loads(self.state.read_text())
             for key, value in wanted.items():
-                if found[key] != value:
+                if found.get(key) != value:
                     raise BuildError(
-                        f"{self.root} holds a build with {key} {found[key]}, but this spec has {key} {value}; "
-                        "resume only with the same spec, or choose another --output"
+                        f"{self.root} holds a build with {key} {found.get(key)}, but this one has {key} {value}; "
+                        "resume only with the same spec and code (a dataset never mixes two), or choose another --output"
                     )
         elif self.root.exists() and any(self.root.iterdir()):
             raise BuildError(f"{self.root} is not empty and holds no factory build; choose another --output")
@@ -204,7 +204,7 @@ def build_manifest(
     workers = {s.worker.actor: s.worker.model_dump() for s in summaries}
     return {
         "spec_hash": spec.spec_hash(),
-        "code_version": factory.__version__,
+        "code_version": code_version(),
         "model": spec.model.id,
         "problems": sum(s.problems for s in summaries),
         "shards": len(summaries),

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-import factory
 from factory.bench import emit, markdown_table, write_section
 from factory.checks import filter_traces, step_labels
 from factory.models.adapter import ModelAdapter
 from factory.models.adapter import load_tokenizer as load_model_tokenizer
 from factory.output import BuildDir, BuildError
+from factory.provenance import code_version
 from factory.sampling.sampler import CanvasSampler, Request, SampleResult, seed_for
 from factory.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores
 from factory.sources.registry import load_problems
@@ -136,7 +136,7 @@ class TraceMaker:
             sampler=self.spec.sampler.model_dump_json(),
             scorer=scoring.model_dump_json(),
             seed=problem_seed(self.spec.seed, problem.problem_id),
-            code_version=factory.__version__,
+            code_version=code_version(),
             spec_hash=self.spec_hash,
         )
 

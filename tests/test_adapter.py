@@ -1,10 +1,12 @@
 """The adapter over custom-code diffusion models, proven on tiny models the test writes itself."""
 
 import json
+import shutil
 import textwrap
 
 import pytest
 import torch
+from transformers import AutoModelForMaskedLM
 
 from factory.models.adapter import ModelAdapter, RemoteCodeRefused
 from factory.sampling.sampler import CanvasSampler, SamplerConfig
@@ -85,14 +87,25 @@ def test_remote_code_is_refused_unless_allowed_and_pinned(tmp_path, tokenizer):
 
 
 def test_embedded_model_loads_with_auto_classes_and_no_remote_code():
-    from transformers import AutoModelForMaskedLM
-
     from factory.models.embedded import EMBEDDED_MODEL_DIR
 
     assert (EMBEDDED_MODEL_DIR / "model.safetensors").exists() and not list(EMBEDDED_MODEL_DIR.glob("*.py"))
     model = AutoModelForMaskedLM.from_pretrained(EMBEDDED_MODEL_DIR)
     assert sum(p.numel() for p in model.parameters()) < 25e6 / 4
     assert ModelAdapter.load("embedded", device="cpu").kind == "masked_lm"
+
+
+def test_a_local_checkpoint_records_the_digest_of_its_weights(tmp_path, tiny_model_dir):
+    """The embedded model and any local directory have no Hub revision; provenance records what was loaded."""
+    first = ModelAdapter.load(tiny_model_dir, device="cpu").revision
+    assert first.startswith("sha256:") and ModelAdapter.load(tiny_model_dir, revision="v1", device="cpu").revision == "v1"
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    model = AutoModelForMaskedLM.from_pretrained(changed)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[5] += 1.0
+    model.save_pretrained(changed)
+    assert ModelAdapter.load(changed, device="cpu").revision not in (first, None)
 
 
 def test_unknown_kind_is_refused():

@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+import factory
+from factory import output, provenance
 from factory.checks import false_equation, filter_traces, final_number, step_labels
 from factory.output import BuildDir, BuildError, prm_rows
 from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard
@@ -301,7 +303,7 @@ def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, te
     assert len(load_config(out.root, "traces")) == 2
 
 
-def test_an_output_dir_is_resumed_only_by_its_own_spec(tmp_path):
+def test_an_output_dir_is_resumed_only_by_its_own_spec_and_code(tmp_path, monkeypatch):
     spec = validate_spec(small_spec(tmp_path / "out"))
     BuildDir(tmp_path / "out").claim(spec)
     BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "resources": {"num_actors": 2}}))
@@ -309,10 +311,23 @@ def test_an_output_dir_is_resumed_only_by_its_own_spec(tmp_path):
         BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "seed": 5}))
     with pytest.raises(BuildError, match="shard_size"):
         BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "output": {**spec.output.model_dump(), "shard_size": 3}}))
+    monkeypatch.setattr(output, "code_version", lambda: "0.1.0+edited")  # a resume after the code changed
+    with pytest.raises(BuildError, match="code_version"):
+        BuildDir(tmp_path / "out").claim(spec)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(BuildError, match="holds no factory build"):
         BuildDir(tmp_path / "other").claim(spec)
+
+
+def test_the_code_version_changes_with_any_source_that_builds_rows(tmp_path, monkeypatch):
+    for package in provenance.SOURCE_PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "rules.py").write_text("LAMBDA = 0.3\n")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    before = provenance.code_version.__wrapped__()
+    (tmp_path / "schemas" / "rules.py").write_text("LAMBDA = 0.2\n")
+    assert before.startswith(factory.__version__ + "+") and provenance.code_version.__wrapped__() != before
 
 
 # ---- with Ray --------------------------------------------------------------------------------

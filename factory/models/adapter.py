@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from factory.models.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
+from factory.provenance import weights_digest
 
 KINDS = ("auto", "masked_lm", "llada", "dream")
 # LLaDA's tokenizer has no mask token registered; its mask id is fixed by the model.
@@ -79,7 +80,9 @@ class ModelAdapter:
         model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
         tokenizer = load_tokenizer(model_id, kind, revision, trust_remote_code, config_mask_id=getattr(config, "mask_token_id", None))
         mask_id = tokenizer.mask_token_id
-        return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, revision)
+        # A local checkpoint (the embedded one included) has no Hub revision: record its weights' digest.
+        recorded = revision or (weights_digest(Path(path)) if Path(path).is_dir() else None)
+        return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, recorded)
 
 
 def resolve_model(model_id: str | Path | None) -> tuple[str | Path, str]:
