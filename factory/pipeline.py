@@ -39,7 +39,6 @@ from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
 from schemas.spec import BuildSpec, ModelSpec, SpecError, load_spec
 
 ACTOR_POOL_START_TIMEOUT_S = 1200
-PROGRESS_PREFIX = "[build] shard "  # a progress line per finished shard (the pipeline benchmark times them)
 
 Log = Callable[[str], None]
 
@@ -246,7 +245,7 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done * (self.total - self.done)
         self.log(
-            f"{PROGRESS_PREFIX}{result.shard}: {self.done}/{self.total} problems, {self.traces} traces "
+            f"[build] shard {result.shard}: {self.done}/{self.total} problems, {self.traces} traces "
             f"({self.accepted} accepted), {self.traces / elapsed:.2f} traces/s, ETA {eta:.0f}s"
         )
 
@@ -254,8 +253,9 @@ class Progress:
 # ---- the build ------------------------------------------------------------------------------
 
 
-def build(spec: BuildSpec, address: str | None = None, log: Log = log_line) -> dict:
-    """Run (or resume) the build the spec describes; returns the manifest."""
+def build(spec: BuildSpec, address: str | None = None, log: Log = log_line, on_shard: Callable[[ShardResult], None] | None = None) -> dict:
+    """Run (or resume) the build the spec describes; returns the manifest. `on_shard` sees each
+    shard's result once it is written."""
     out = BuildDir(spec.output.dir)
     out.claim(spec)
     problems, rejected = load_problems(spec.source, driver_template(spec), spec.limit)
@@ -270,6 +270,8 @@ def build(spec: BuildSpec, address: str | None = None, log: Log = log_line) -> d
             for result in run_on_ray(spec, todo):
                 out.write_shard(result)
                 progress.update(result)
+                if on_shard:
+                    on_shard(result)
         finally:
             if started_ray:
                 import ray
@@ -380,16 +382,15 @@ def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
     t0 = time.perf_counter()
     traces = sum(process_shard(maker, i, shard).sampled for i, shard in enumerate(plan_shards(problems, spec.output.shard_size)))
     in_process_s, sampler_s = time.perf_counter() - t0, maker.timings["sample_s"]
-    shard_done: list[tuple[float, int]] = []  # (seconds since start, traces so far) at each shard's progress line
+    shard_done: list[tuple[float, int]] = []  # (seconds since start, traces so far) as each shard is written
 
-    def log(message: str) -> None:
-        if message.startswith(PROGRESS_PREFIX):
-            shard_done.append((time.perf_counter() - t0, int(message.split(" traces")[0].rsplit(" ", 1)[1])))
+    def on_shard(result: ShardResult) -> None:
+        shard_done.append((time.perf_counter() - t0, (shard_done[-1][1] if shard_done else 0) + result.sampled))
 
     started_ray = connect_ray(address)
     try:
         t0 = time.perf_counter()
-        build(spec, log=log)
+        build(spec, log=lambda _: None, on_shard=on_shard)
         pipeline_s = time.perf_counter() - t0
     finally:
         if started_ray:
