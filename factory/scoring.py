@@ -106,11 +106,10 @@ class StepScorer:
         is computed correctly, so only the operand read sees it (held out, stage 7: the result read
         alone separated them at 0.802 / 0.731). A step without '=' is read whole in both."""
         tpl, mask = self.template, self.adapter.mask_id
-        equals = set(tpl.encode_text("="))
         rows = []
         for start, end in tpl.step_spans(trace.reasoning_ids):
             step = trace.reasoning_ids[start:end]
-            eq = max((i for i, t in enumerate(step) if t in equals), default=-1)
+            eq = max((i for i, t in enumerate(step) if "=" in tpl.token_text(t)), default=-1)  # BPE fuses ' ='; read the text
             result = range(start + eq + 1, end) if eq + 1 < len(step) else range(start, end)
             head = range(start, start + eq) if eq > 0 else range(start, end)
             for hidden_from, read in ((result.start, result), (start, head)):

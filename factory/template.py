@@ -56,6 +56,7 @@ class ReasoningTemplate:
         # Unused slots hold a token the model learned to emit; LLaDA and our model use end-of-text.
         self.filler_id = filler_id if filler_id is not None else tokenizer.eos_token_id
         self.separator_ids = self.encode_text(self.config.step_separator)
+        self._token_texts: dict[int, str] = {}
         self.delimiter_ids = self.encode_text(" " + self.config.delimiter.strip())
         self.close_ids = self.encode_text(self.config.answer_close)
         self.end_ids = [tokenizer.eos_token_id]
@@ -141,17 +142,31 @@ class ReasoningTemplate:
         text = re.sub(r"(?<=\d) (?=\d)", "", text)
         return re.sub(r" *\n *", "\n", text).strip()
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, decoded once per id (BPE merges make ids differ where texts agree)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
     def step_spans(self, reasoning_ids: list[int]) -> list[tuple[int, int]]:
-        """Token spans [start, end) of the steps in a reasoning region, separators excluded."""
-        spans, start = [], 0
-        sep = self.separator_ids
+        """Token spans [start, end) of the steps in a reasoning region, separators excluded.
+
+        Byte-level BPE tokenizers (Qwen's, hence Dream's) write a separator fused with its
+        neighbours: '.\n' or '\n\n' is one token, not the id of '\n'. So a one-token separator is
+        found by text: a token holding it ends the step, and stays in it when it also holds the
+        step's last characters. A separator of several tokens is matched as a sequence."""
+        sep, text_sep = self.separator_ids, self.config.step_separator
         end = next((i for i, t in enumerate(reasoning_ids) if t == self.filler_id), len(reasoning_ids))
-        i = 0
+        spans, start, i = [], 0, 0
         while i < end:
-            if reasoning_ids[i : i + len(sep)] == sep:
-                if i > start:
-                    spans.append((start, i))
-                i += len(sep)
+            width = len(sep) if len(sep) > 1 and reasoning_ids[i : i + len(sep)] == sep else 0
+            text = self.token_text(reasoning_ids[i]) if len(sep) == 1 else ""
+            if width or text_sep in text:
+                step_end = i + 1 if text.split(text_sep)[0].strip() else i
+                if step_end > start:
+                    spans.append((start, step_end))
+                i += max(width, 1)
                 start = i
             else:
                 i += 1

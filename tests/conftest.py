@@ -1,6 +1,7 @@
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import signal
 import tempfile
@@ -34,6 +35,30 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def template(tokenizer):
     return ReasoningTemplate(tokenizer)
+
+
+# Qwen2's pre-tokenizer split (Dream's tokenizer): punctuation keeps the newlines after it, so '.\n'
+# and '.\n\n' become single tokens, and ' =' is one token too.
+QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+@pytest.fixture(scope="session")
+def bpe_template():
+    """A template over a small byte-level BPE tokenizer trained here the way Qwen's is built."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    pairs = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(300)]
+    corpus = [f"{a} + {b} = {a + b}.\n\nSo {a} * 2 = {a * 2}.\nThe answer is \\boxed{{{a}}}" for a, b in pairs]
+    bpe = Tokenizer(models.BPE())
+    split = pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated")
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<mask>", "<eos>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    return ReasoningTemplate(PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", mask_token="<mask>", eos_token="<eos>"))
 
 
 @pytest.fixture(scope="session")

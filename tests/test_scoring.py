@@ -1,5 +1,6 @@
 import pytest
 
+from factory.models.adapter import ModelAdapter
 from factory.scoring import StepScorer, Trace, TraceScores
 from factory.sources.synthetic import SyntheticConfig, generate
 
@@ -81,6 +82,16 @@ def test_self_consistency_reads_each_steps_result_then_its_operands_later_reason
     assert scores.result_consistency == pytest.approx(values[0::2], abs=1e-5)
     assert scores.operand_consistency == pytest.approx(values[1::2], abs=1e-5)
     assert scores.self_consistency == pytest.approx([a + b for a, b in zip(values[0::2], values[1::2])], abs=1e-5)
+
+
+def test_self_consistency_finds_the_equals_sign_a_bpe_tokenizer_fuses(bpe_template):
+    tpl = bpe_template
+    reasoning = tpl.encode_reasoning(["4 + 3 = 7.", "7 * 2 = 14"])
+    assert tpl.encode_text("=")[0] not in reasoning  # ' =' is its own token
+    trace = Trace(tpl.encode_question("Tom has 4 apples."), reasoning, tpl.encode_answer("14"))
+    rows = StepScorer(ModelAdapter(None, tpl.tokenizer, "masked_lm", tpl.mask_id, "no-model"), tpl).consistency_rows(trace)
+    read = [tpl.tokenizer.decode([tok for _, tok in pairs]) for _, pairs in rows]
+    assert read == [" 7.\n", "4 + 3", " 14", "7 * 2"]  # each step's result, then its operands and operator
 
 
 def test_trace_aggregates():

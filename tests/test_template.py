@@ -60,3 +60,16 @@ def test_llada_style_layout_is_expressible(tokenizer):
     # generation canvas: reasoning + delimiter + answer = 256 tokens
     assert spans.answer.stop - spans.reasoning.start == 256
     assert llada.suffix_length == 256 + 1
+
+
+@pytest.mark.parametrize("between", ["\n", "\n\n"])
+def test_steps_split_where_a_bpe_tokenizer_fuses_the_separator(bpe_template, between):
+    """Qwen-style BPE writes '.\n' and '\n\n' as single tokens, none of them the id of '\n'."""
+    tpl = bpe_template
+    ids = tpl.encode_text(f"4 + 3 = 7.{between}7 * 2 = 14")
+    assert tpl.separator_ids[0] not in ids and any(between in tpl.token_text(t) and "." in tpl.token_text(t) for t in ids)
+    reasoning = ids + [tpl.filler_id] * 4
+    assert tpl.split_steps(reasoning) == ["4 + 3 = 7.", "7 * 2 = 14"]
+    (a, b), (c, d) = tpl.step_spans(reasoning)
+    assert a == 0 and b == c and d == len(ids)  # the fused token stays with the step it ends
+    assert tpl.split_steps(tpl.encode_text("\n4 + 3 = 7\n\n") + [tpl.filler_id]) == ["4 + 3 = 7"]  # bare separators dropped
