@@ -11,17 +11,24 @@ from fractions import Fraction
 from schemas.records import TraceRow
 from schemas.spec import FilterSpec
 
-_NUMBER, _OP = r"-?\d[\d,]*", r"[-+*/×÷]"  # a number may carry thousands commas
+# A number may carry thousands commas and decimals (GSM8k: "0.5 * 10 = 5", "10 / 4 = 2.5") and is
+# never read from inside another one, so "0.5" is not taken for "5". An amount may be in dollars.
+_NUMBER, _OP = r"(?<![\d.])-?\d[\d,]*(?:\.\d+)?", r"[-+*/×÷]"
+_AMOUNT = rf"\$?{_NUMBER}"
 NUMBER = re.compile(_NUMBER)
 # 'a op b op ... = c': the whole left-hand chain, so "2 + 3 + 4 = 9" is not read as "3 + 4 = 9".
-EQUATION = re.compile(rf"((?:{_NUMBER}\s*{_OP}\s*)+{_NUMBER})\s*=\s*({_NUMBER})")
-TERM = re.compile(rf"({_NUMBER})\s*({_OP}?)\s*")
+EQUATION = re.compile(rf"((?:{_AMOUNT}\s*{_OP}\s*)+{_AMOUNT})\s*=\s*\$?({_NUMBER})")
+TERM = re.compile(rf"\$?({_NUMBER})\s*({_OP}?)\s*")
 
 
-def final_number(steps: list[str]) -> int | None:
+def number_value(text: str) -> Fraction:
+    return Fraction(text.replace(",", ""))
+
+
+def final_number(steps: list[str]) -> Fraction | None:
     """The last number written in the last step (its result), or None."""
     numbers = NUMBER.findall(steps[-1]) if steps else []
-    return int(numbers[-1].replace(",", "")) if numbers else None
+    return number_value(numbers[-1]) if numbers else None
 
 
 def evaluate_chain(expression: str) -> Fraction | None:
@@ -29,7 +36,7 @@ def evaluate_chain(expression: str) -> Fraction | None:
     multiply = {"*": operator.mul, "×": operator.mul, "/": operator.truediv, "÷": operator.truediv}
     total, term, pending = Fraction(0), None, "+"
     for number, op in TERM.findall(expression):
-        value = Fraction(int(number.replace(",", "")))
+        value = number_value(number)
         if pending in multiply:
             if value == 0 and multiply[pending] is operator.truediv:
                 return None
@@ -44,7 +51,7 @@ def false_equation(steps: Iterable[str]) -> bool:
     """Whether any step writes an equation 'a op b ... = c' that does not hold."""
     for step in steps:
         for expression, result in EQUATION.findall(step):
-            if evaluate_chain(expression) != int(result.replace(",", "")):
+            if evaluate_chain(expression) != number_value(result):
                 return True
     return False
 

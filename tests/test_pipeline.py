@@ -204,6 +204,10 @@ def test_filters_count_every_drop_by_reason():
     assert not false_equation(["6 / 3 = 2", "so 1,000 + 5 = 1,005", "x = 4"]) and false_equation(["3 * 4 = 13"])
     assert false_equation(["7 / 2 = 3"]) and false_equation(["1 / 0 = 0"])
     assert not false_equation(["2 + 3 + 4 = 9", "10 - 2 * 3 = 4", "8 / 2 / 2 = 2"]) and false_equation(["2 + 3 + 4 = 7"])
+    # GSM8k's decimals and dollars: "0.5" is never read as "5", nor "2.5" as "2"
+    gsm8k = ["Half of it is 0.5 * 10 = 5.", "10 / 4 = 2.5 each", "She earns 12/60 = $0.2 per minute.", "$1.50 + $2 = $3.50"]
+    assert not false_equation(gsm8k) and false_equation(["0.5 * 10 = 6"]) and false_equation(["$1.50 + $2 = $3"])
+    assert final_number(["each gets 10 / 4 = 2.5"]) == 2.5 and final_number(["so 5."]) == 5
     traces = [
         trace(),
         trace(),  # same reasoning for the same problem
