@@ -118,7 +118,7 @@ class TraceMaker:
             **problem.model_dump(),
             trace_id=trace_id(self.spec_hash, problem.problem_id, sample_index),
             sample_index=sample_index,
-            reasoning=tpl.decode(sample.reasoning_ids),
+            reasoning=tpl.reasoning_text(sample.reasoning_ids),
             steps=steps,
             answer=tpl.parse_answer(sample.answer_ids),
             nfe=sample.nfe,

@@ -21,7 +21,7 @@ class TemplateError(ValueError):
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,14 @@ class ReasoningTemplate:
         text = re.sub(r"(?<=\d) (?=\d)", "", text)
         return re.sub(r" *\n *", "\n", text).strip()
 
+    def written_length(self, reasoning_ids: list[int]) -> int:
+        """Where the written reasoning ends: the first filler slot. Tokens after it are strays the
+        model left in unused slots; no step, filter or text ever includes them."""
+        return next((i for i, t in enumerate(reasoning_ids) if t == self.filler_id), len(reasoning_ids))
+
+    def reasoning_text(self, reasoning_ids: list[int]) -> str:
+        return self.decode(reasoning_ids[: self.written_length(reasoning_ids)])
+
     def token_text(self, token_id: int) -> str:
         """One token's text, decoded once per id (BPE merges make ids differ where texts agree)."""
         text = self._token_texts.get(token_id)
@@ -156,8 +164,7 @@ class ReasoningTemplate:
         neighbours: '.\n' or '\n\n' is one token, not the id of '\n'. So a one-token separator is
         found by text: a token holding it ends the step, and stays in it when it also holds the
         step's last characters. A separator of several tokens is matched as a sequence."""
-        sep, text_sep = self.separator_ids, self.config.step_separator
-        end = next((i for i, t in enumerate(reasoning_ids) if t == self.filler_id), len(reasoning_ids))
+        sep, text_sep, end = self.separator_ids, self.config.step_separator, self.written_length(reasoning_ids)
         spans, start, i = [], 0, 0
         while i < end:
             width = len(sep) if len(sep) > 1 and reasoning_ids[i : i + len(sep)] == sep else 0

@@ -21,6 +21,8 @@ from factory import output, provenance
 from factory.checks import false_equation, filter_traces, final_number, step_labels
 from factory.output import BuildDir, BuildError, prm_rows
 from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard
+from factory.sampling.sampler import SampleResult
+from factory.scoring import Trace
 from factory.sources import synthetic
 from factory.sources.registry import load_problems
 from schemas.arrow import arrow_schema, from_table, to_table
@@ -262,6 +264,16 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     assert first.seed == problem_seed(spec.seed, first.problem_id) and first.spec_hash == spec.spec_hash()
     assert json.loads(first.sampler)["rule"] == "med_prefix" and first.model_id == "tiny-random"
     assert len(first.step_scores) == len(first.steps) and len(first.prefix_logp) == len(first.steps) + 1
+    # stray tokens the model left after the end never reach the text the SFT data is made of
+    tpl, problem = maker.template, problems[0]
+    written = tpl.encode_text(problem.gold_steps[0])
+    strays = written[-1:] + [tpl.filler_id] + tpl.encode_text("\n7 + 1 = 9")
+    reasoning = written + [tpl.filler_id] + strays
+    reasoning += [tpl.filler_id] * (tpl.config.reasoning_slots - len(reasoning))
+    answer = tpl.encode_answer(problem.gold_answer)
+    scores = maker.scorer.score([Trace(tpl.encode_question(problem.question), reasoning, answer)])[0]
+    row = maker.trace_row(problem, 0, SampleResult(None, reasoning, answer, nfe=1, exited_early=False), scores)
+    assert row.reasoning == problem.gold_steps[0] and row.steps == [problem.gold_steps[0]]
 
     out = BuildDir(spec.output.dir)
     out.claim(spec)

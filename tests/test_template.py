@@ -73,3 +73,13 @@ def test_steps_split_where_a_bpe_tokenizer_fuses_the_separator(bpe_template, bet
     (a, b), (c, d) = tpl.step_spans(reasoning)
     assert a == 0 and b == c and d == len(ids)  # the fused token stays with the step it ends
     assert tpl.split_steps(tpl.encode_text("\n4 + 3 = 7\n\n") + [tpl.filler_id]) == ["4 + 3 = 7"]  # bare separators dropped
+
+
+def test_the_written_reasoning_ends_at_the_first_filler(template):
+    """A model can leave stray tokens in unused slots after the end; the text must not carry them
+    (they once reached the SFT data as '36 - 28 = 88' where the checked step was '36 - 28 = 8')."""
+    written = template.encode_text("36 - 28 = 8")
+    strays = template.encode_text("8") + [template.filler_id] + template.encode_text("\n7 + 1 = 9")
+    reasoning = written + [template.filler_id] + strays
+    reasoning += [template.filler_id] * (template.config.reasoning_slots - len(reasoning))
+    assert template.reasoning_text(reasoning) == "36 - 28 = 8" and template.split_steps(reasoning) == ["36 - 28 = 8"]

@@ -142,10 +142,9 @@ def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | 
             if problem.problem_id in first_row:
                 raise RowError("duplicate_problem", f"same question and answer as row {first_row[problem.problem_id]}")
         except (RowError, TemplateError) as err:
-            detail = err.detail if isinstance(err, RowError) else str(err)
             raw = json.dumps(row, default=str, ensure_ascii=False)
             problem_id = problem.problem_id if problem else None
-            rejected.append(Rejected(problem_id=problem_id, source=name, row=index, raw=raw, reason=err.reason, detail=detail))
+            rejected.append(Rejected(problem_id=problem_id, source=name, row=index, raw=raw, reason=err.reason, detail=err.detail))
             continue
         first_row[problem.problem_id] = index
         problems.append(problem)
