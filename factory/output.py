@@ -114,16 +114,23 @@ class BuildDir:
     def marker(self, shard: int) -> Path:
         return self.shards / f"{shard:05d}.done.json"
 
-    def claim(self, spec: BuildSpec) -> None:
-        """Start or resume a build of `spec` here; refuse a directory that holds anything else."""
-        wanted = {"spec_hash": spec.spec_hash(), "shard_size": spec.output.shard_size, "code_version": code_version()}
+    def claim(self, spec: BuildSpec, problem_ids: list[str]) -> None:
+        """Start or resume a build of `spec` over these problems here; refuse a directory that holds
+        anything else. Finished shards are known by index, so a resume must see the same problems in
+        the same order: a source edited in between would skip some and repeat others."""
+        wanted = {
+            "spec_hash": spec.spec_hash(),
+            "shard_size": spec.output.shard_size,
+            "code_version": code_version(),
+            "problems": hashlib.sha256("\n".join(problem_ids).encode()).hexdigest()[:12],
+        }
         if self.state.exists():
             found = json.loads(self.state.read_text())
             for key, value in wanted.items():
                 if found.get(key) != value:
                     raise BuildError(
-                        f"{self.root} holds a build with {key} {found.get(key)}, but this one has {key} {value}; "
-                        "resume only with the same spec and code (a dataset never mixes two), or choose another --output"
+                        f"{self.root} holds a build with {key} {found.get(key)}, but this one has {key} {value}; resume only "
+                        "with the same spec, code and source rows (a dataset never mixes two), or choose another --output"
                     )
         elif self.root.exists() and any(self.root.iterdir()):
             raise BuildError(f"{self.root} is not empty and holds no factory build; choose another --output")

@@ -33,7 +33,7 @@ from factory.output import BuildDir, BuildError
 from factory.provenance import code_version
 from factory.sampling.sampler import CanvasSampler, Request, SampleResult, seed_for
 from factory.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores
-from factory.sources.registry import load_problems
+from factory.sources.registry import SourceError, load_problems
 from factory.template import ReasoningTemplate
 from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
 from schemas.spec import BuildSpec, ModelSpec, SpecError, load_spec
@@ -256,9 +256,12 @@ class Progress:
 def build(spec: BuildSpec, address: str | None = None, log: Log = log_line, on_shard: Callable[[ShardResult], None] | None = None) -> dict:
     """Run (or resume) the build the spec describes; returns the manifest. `on_shard` sees each
     shard's result once it is written."""
-    out = BuildDir(spec.output.dir)
-    out.claim(spec)
     problems, rejected = load_problems(spec.source, driver_template(spec), spec.limit)
+    if not problems:
+        reasons = dict(Counter(r.reason for r in rejected))
+        raise BuildError(f"no usable problems: {len(rejected)} rows rejected {reasons}; `factory build --dry-run` shows why")
+    out = BuildDir(spec.output.dir)
+    out.claim(spec, [p.problem_id for p in problems])
     shards = plan_shards(problems, spec.output.shard_size)
     done = out.done_shards()
     todo = [(i, shard) for i, shard in enumerate(shards) if i not in done]
@@ -299,6 +302,9 @@ def dry_run(spec: BuildSpec) -> str:
     template = driver_template(spec)
     problems, rejected = load_problems(spec.source, template, spec.limit)
     lines = [f"# spec {spec.spec_hash()}", spec.to_yaml(), f"# {len(problems)} usable problems, {len(rejected)} rows rejected"]
+    for reason, count in Counter(r.reason for r in rejected).most_common():
+        example = next(r for r in rejected if r.reason == reason)
+        lines.append(f"#   {reason}: {count} (e.g. row {example.row}: {example.detail})")
     if problems:
         first = problems[0]
         canvas = template.canvas(template.encode_question(first.question), None, template.encode_answer(first.gold_answer))
@@ -325,12 +331,12 @@ def cli_build(argv: list[str]) -> None:
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     args = ap.parse_args(argv)
     spec = spec_from_args(args)
-    if args.dry_run:
-        print(dry_run(spec))
-        return
     try:
-        build(spec, args.address)
-    except BuildError as err:
+        if args.dry_run:
+            print(dry_run(spec))
+        else:
+            build(spec, args.address)
+    except (BuildError, SourceError) as err:
         sys.exit(f"factory build: {err}")
 
 

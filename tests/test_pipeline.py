@@ -24,7 +24,7 @@ from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_
 from factory.sampling.sampler import SampleResult
 from factory.scoring import Trace
 from factory.sources import synthetic
-from factory.sources.registry import load_problems
+from factory.sources.registry import SourceError, canonical_answer, load_problems
 from schemas.arrow import arrow_schema, from_table, to_table
 from schemas.records import Problem, SFTRow, TraceRow
 from schemas.spec import FilterSpec, SpecError, load_spec, validate_spec
@@ -101,6 +101,22 @@ def test_dry_run_prints_spec_and_first_canvas(capsys, tmp_path):
     assert "sampler:" in printed and "rule: med_prefix" in printed
     assert "[MASK] [MASK]" in printed and "The answer is \\boxed{" in printed and "How many" in printed
     assert not (tmp_path / "out").exists()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": GOOD.replace("5", str(n)), "answer": a}) + "\n" for n, a in ((6, "9"), (7, "#### 10"))))
+    cli_build(
+        [str(write_spec(tmp_path / "l.yaml", small_spec(tmp_path / "out", source={"kind": "local", "path": str(rows)}))), "--dry-run"]
+    )
+    assert (
+        "# 1 usable problems, 1 rows rejected\n#   non_numeric_answer: 1 (e.g. row 1: answer '#### 10' is not an integer)"
+        in capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit, match="factory build: cannot read source local:nope.jsonl"):
+        cli_build(
+            [
+                str(write_spec(tmp_path / "m.yaml", small_spec(tmp_path / "out", source={"kind": "local", "path": "nope.jsonl"}))),
+                "--dry-run",
+            ]
+        )
 
 
 # ---- records and Arrow -----------------------------------------------------------------------
@@ -276,7 +292,7 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     assert row.reasoning == problem.gold_steps[0] and row.steps == [problem.gold_steps[0]]
 
     out = BuildDir(spec.output.dir)
-    out.claim(spec)
+    out.claim(spec, [p.problem_id for p in problems])
     shards = plan_shards(problems, spec.output.shard_size)
     for index, shard in enumerate(shards):
         out.write_shard(process_shard(maker, index, shard))
@@ -306,7 +322,7 @@ def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, te
     loaded = []
     for n in (3, 1):
         shutil.rmtree(out.root, ignore_errors=True)
-        out.claim(spec)
+        out.claim(spec, [p.problem_id for p in problems])
         out.write_shard(process_shard(maker, 0, problems[:n]))
         manifest = out.assemble(spec, 1, rejected)
         loaded.append(len(load_config(out.root, "traces")))
@@ -319,21 +335,51 @@ def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, te
     assert len(load_config(out.root, "traces")) == 2
 
 
-def test_an_output_dir_is_resumed_only_by_its_own_spec_and_code(tmp_path, monkeypatch):
-    spec = validate_spec(small_spec(tmp_path / "out"))
-    BuildDir(tmp_path / "out").claim(spec)
-    BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "resources": {"num_actors": 2}}))
+def test_an_output_dir_is_resumed_only_by_its_own_spec_code_and_problems(tmp_path, monkeypatch):
+    spec, ids = validate_spec(small_spec(tmp_path / "out")), ["a", "b", "c"]
+    BuildDir(tmp_path / "out").claim(spec, ids)
+    BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "resources": {"num_actors": 2}}), ids)
     with pytest.raises(BuildError, match="spec_hash"):
-        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "seed": 5}))
+        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "seed": 5}), ids)
     with pytest.raises(BuildError, match="shard_size"):
-        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "output": {**spec.output.model_dump(), "shard_size": 3}}))
+        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "output": {**spec.output.model_dump(), "shard_size": 3}}), ids)
+    # shards are known by index: a row added to the source in between would shift every later problem
+    with pytest.raises(BuildError, match="problems"):
+        BuildDir(tmp_path / "out").claim(spec, ["new", *ids])
     monkeypatch.setattr(output, "code_version", lambda: "0.1.0+edited")  # a resume after the code changed
     with pytest.raises(BuildError, match="code_version"):
-        BuildDir(tmp_path / "out").claim(spec)
+        BuildDir(tmp_path / "out").claim(spec, ids)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(BuildError, match="holds no factory build"):
-        BuildDir(tmp_path / "other").claim(spec)
+        BuildDir(tmp_path / "other").claim(spec, ids)
+
+
+def test_a_source_that_cannot_be_used_stops_the_build_before_it_claims_the_directory(tmp_path):
+    out = tmp_path / "out"
+    missing = small_spec(out, source={"kind": "local", "path": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(SourceError, match=r"cannot read source local:nope.jsonl: FileNotFoundError"):
+        build(validate_spec(missing))
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"question": GOOD, "final": "8"}) + "\n")
+    wrong_column = small_spec(out, source={"kind": "local", "path": str(tmp_path / "rows.jsonl")})
+    with pytest.raises(
+        SourceError, match=r"no row has the column 'answer' \(source.columns.answer\); its rows have \['final', 'question'\]"
+    ):
+        build(validate_spec(wrong_column))
+    (tmp_path / "gsm8k.jsonl").write_text(json.dumps({"question": GOOD, "answer": "5 + 3 = 8\n#### 8"}) + "\n")
+    unusable = small_spec(out, source={"kind": "local", "path": str(tmp_path / "gsm8k.jsonl")})  # answer_format: number
+    with pytest.raises(BuildError, match=r"no usable problems: 1 rows rejected \{'non_numeric_answer': 1\}"):
+        build(validate_spec(unusable))
+    assert not out.exists()  # nothing claimed: the corrected spec can use the same --output
+
+
+def test_answers_have_one_spelling_and_json_arrays_load(tmp_path, template):
+    questions = [GOOD.replace("5", str(n)) for n in (6, 7, 8, 9)]
+    rows = [{"question": q, "answer": a} for q, a in zip(questions, [40.0, "007", "$12", "-0"])]
+    (tmp_path / "rows.json").write_text(json.dumps(rows, indent=1))
+    problems, rejected = load_problems(validate_spec({"source": {"kind": "local", "path": str(tmp_path / "rows.json")}}).source, template)
+    assert [p.gold_answer for p in problems] == ["40", "7", "12", "0"] and rejected == []
+    assert [canonical_answer(a) for a in ("1,234", 2.5, "4.0", "-3", "x")] == ["1234", "2.5", "4", "-3", "x"]
 
 
 def test_the_code_version_changes_with_any_source_that_builds_rows(tmp_path, monkeypatch):

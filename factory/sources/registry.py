@@ -24,6 +24,11 @@ GSM8K_ANSWER_MARK = "####"
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
 
 
+class SourceError(ValueError):
+    """A source that cannot be read at all (no such file, a mapped column no row has): refused
+    before any compute, and before an output directory is claimed."""
+
+
 class RowError(ValueError):
     """A row that cannot become a problem; `reason` is a short machine-readable code."""
 
@@ -47,13 +52,18 @@ def hf_rows(source: HFSource) -> Iterator[dict]:
 
 
 def local_rows(source: LocalSource) -> Iterator[Any]:
-    """Rows of a JSONL or Parquet file. A JSONL line that is not JSON comes back as its text, to be rejected."""
+    """Rows of a JSONL or Parquet file, or of a JSON array. A JSONL line that is not JSON comes back
+    as its text, to be rejected. A `.json` file may hold either an array or JSON lines."""
     path = Path(source.path)
     fmt = source.format or ("parquet" if path.suffix == ".parquet" else "jsonl")
     if fmt == "parquet":
         yield from pq.read_table(path).to_pylist()
         return
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        yield from json.loads(text)
+        return
+    for line in text.splitlines():
         if line.strip():
             try:
                 yield json.loads(line)
@@ -79,7 +89,18 @@ def gsm8k_answer(text: str) -> tuple[str, list[str]]:
         raise RowError("missing_answer", f"no {GSM8K_ANSWER_MARK!r} before the final answer")
     reasoning, _, final = text.rpartition(GSM8K_ANSWER_MARK)
     steps = [line.strip() for line in CALCULATOR_ANNOTATION.sub("", reasoning).splitlines() if line.strip()]
-    return final.strip().replace(",", ""), steps
+    return canonical_answer(final), steps
+
+
+def canonical_answer(value: Any) -> str:
+    """One spelling per integer: '1,234' -> '1234', 40.0 (a float column) -> '40', '$7' -> '7',
+    '007' -> '7'. Anything else is returned stripped, for the template to refuse."""
+    text = str(value).strip().replace(",", "").removeprefix("$")
+    match = re.fullmatch(r"(-?)(\d+)(?:\.0*)?", text)
+    if not match:
+        return text
+    number = int(match[2])
+    return f"-{number}" if match[1] and number else str(number)
 
 
 def column_steps(value: Any) -> list[str]:
@@ -101,7 +122,7 @@ def table_problem(row: Any, columns: Columns, answer_format: str, name: str) -> 
     if answer_format == "gsm8k":
         gold, steps = gsm8k_answer(str(answer))
     else:
-        gold, steps = str(answer).strip().replace(",", ""), []
+        gold, steps = canonical_answer(answer), []
     if columns.steps is not None:
         steps = column_steps(row.get(columns.steps))
     question = question.strip()
@@ -124,6 +145,26 @@ def to_problem(row: Any, source: SourceSpec, name: str) -> Problem:
 READERS: dict[str, Callable[[Any], Iterator[Any]]] = {"synthetic": synthetic_rows, "hf": hf_rows, "local": local_rows}
 
 
+def read_rows(source: SourceSpec) -> Iterator[Any]:
+    """The source's rows; a source that cannot be read at all raises one SourceError that says why."""
+    try:
+        yield from READERS[source.kind](source)
+    except Exception as err:  # whatever the reader (file system, pyarrow, datasets) raised, as one clear error
+        raise SourceError(f"cannot read source {source_name(source)}: {type(err).__name__}: {err}") from err
+
+
+def check_columns(source: SourceSpec, seen: set[str]) -> None:
+    """A mapped column that no row has is a mistake in the spec, not a problem with every row."""
+    if isinstance(source, SyntheticSource) or not seen:
+        return
+    for field, column in source.columns.model_dump().items():
+        if column is not None and column not in seen:
+            raise SourceError(
+                f"source {source_name(source)}: no row has the column {column!r} (source.columns.{field}); "
+                f"its rows have {sorted(seen)[:20]}"
+            )
+
+
 def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | None = None) -> tuple[list[Problem], list[Rejected]]:
     """Usable problems in source order (at most `limit`) and every row rejected on the way, with its reason.
     A problem is usable when its question and answer fit `template` and it is not a repeat."""
@@ -131,9 +172,12 @@ def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | 
     problems: list[Problem] = []
     rejected: list[Rejected] = []
     first_row: dict[str, int] = {}
-    for index, row in enumerate(READERS[source.kind](source)):
+    seen_columns: set[str] = set()
+    for index, row in enumerate(read_rows(source)):
         if limit is not None and len(problems) >= limit:
             break
+        if isinstance(row, dict):
+            seen_columns.update(row)
         problem = None
         try:
             problem = to_problem(row, source, name)
@@ -148,4 +192,5 @@ def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | 
             continue
         first_row[problem.problem_id] = index
         problems.append(problem)
+    check_columns(source, seen_columns)
     return problems, rejected
