@@ -263,6 +263,17 @@ sft = load_dataset("path/to/this/dir", "sft", split="train")
 """
 
 
+CARD_TAGS = ["synthetic", "reasoning", "math", "process-reward-model", "masked-diffusion"]
+
+
+def size_category(rows: int) -> str:
+    """The Hub's size bucket for a dataset of `rows` rows (its card metadata)."""
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if rows < bound:
+            return name
+    return "1M<n<10M" if rows < 10_000_000 else "n>10M"
+
+
 def dataset_card(spec: BuildSpec, manifest: dict) -> str:
     """`datasets` cannot load a config whose files hold no rows at all, so only configs with rows are listed."""
     listed = [name for name in CONFIGS if name not in manifest["empty_configs"]]
@@ -270,7 +281,8 @@ def dataset_card(spec: BuildSpec, manifest: dict) -> str:
     configs = [{"config_name": name, "data_files": [{"split": "train", "path": pattern.format(name)}]} for name in listed]
     if configs:
         configs[0]["default"] = True
-    front = yaml.safe_dump({"configs": configs}, sort_keys=False)
+    metadata = {"task_categories": ["text-generation"], "tags": CARD_TAGS, "size_categories": [size_category(manifest["accepted"])]}
+    front = yaml.safe_dump({**metadata, "configs": configs}, sort_keys=False)
     body = CARD_BODY.format(
         **{k: manifest[k] for k in ("model", "code_version", "spec_hash", "traces_sampled", "problems", "accepted")},
         label_source=spec.scoring.label_source,

@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from huggingface_hub import DatasetCard
 
 import factory
 from factory import output, provenance
 from factory.checks import false_equation, filter_traces, final_number, step_labels
-from factory.output import BuildDir, BuildError, prm_rows
+from factory.output import BuildDir, BuildError, prm_rows, size_category
 from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard
 from factory.sampling.sampler import SampleResult
 from factory.scoring import Trace
@@ -311,6 +312,10 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     assert prm["completions"] == traces[0].steps and prm["labels"] == traces[0].step_labels
     assert prm["label_scores"] == pytest.approx(traces[0].self_consistency)  # the default label source
     assert manifest["rows"] == {"traces": 6, "filtered": 0, "sft": 6, "prm": 6, "rejected": 0}
+    card = DatasetCard.load(out.root / "README.md").data  # metadata the Hub reads when the directory is uploaded
+    assert card.size_categories == ["n<1K"] and "process-reward-model" in card.tags
+    assert [c["config_name"] for c in card.configs] == ["traces", "sft", "prm"]
+    assert [size_category(n) for n in (999, 1_000, 99_999, 1_000_000)] == ["n<1K", "1K<n<10K", "10K<n<100K", "1M<n<10M"]
 
 
 def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, template):
