@@ -249,6 +249,7 @@ def samplers_markdown(report: dict, plot_name: str) -> str:
 
 SCORING_KINDS = synthetic.CORRUPTION_KINDS
 OWN_KINDS = ("arithmetic_slip", "wrong_operand", "wrong_operation", "unreadable_step", "extra_steps")  # at a trace's first departure
+STEPS_LEFT = ("1", "2", "3+")  # reasoning steps a partial prefix leaves masked
 LABEL_THRESHOLD_GRID = (-0.1, -0.2, -0.3, -0.5, -0.7, -1.0, -1.5, -2.0, -3.0, -5.0)  # nats, for PRM label calibration
 
 
@@ -288,6 +289,7 @@ def summarise(
     """AUROC of prefix values separating error-free prefixes (positive) from ones holding an error."""
     pos_all, neg_all, pos_part, neg_part = [], [], [], []
     neg_by_kind: dict[str, list[float]] = {k: [] for k in kinds}
+    by_left: dict[str, tuple[list[float], list[float]]] = {left: ([], []) for left in STEPS_LEFT}
     first_hits, first_total = 0, 0
     for case, vals, steps in zip(cases, values, step_values):
         n = len(case["steps"])
@@ -296,6 +298,7 @@ def summarise(
             (neg_all if bad else pos_all).append(v)
             if k < n:
                 (neg_part if bad else pos_part).append(v)
+                by_left[STEPS_LEFT[min(n - k, len(STEPS_LEFT)) - 1]][bad].append(v)
                 if bad:
                     neg_by_kind[case["kind"]].append(v)
         if case["first_error"] is not None and steps:
@@ -305,6 +308,8 @@ def summarise(
         "auroc_partial": auroc(pos_part, neg_part),
         "auroc_all": auroc(pos_all, neg_all),
         "auroc_by_kind": {k: auroc(pos_part, v) for k, v in neg_by_kind.items()},
+        # how far ahead the prefix leaves the answer: a one-pass read must compute every step still masked
+        "auroc_partial_by_steps_left": {left: auroc(pos, neg) for left, (pos, neg) in by_left.items()},
         "first_error_accuracy": first_hits / first_total if first_total else None,
         "nfe_per_step": round(passes, 3),
     }
@@ -523,6 +528,11 @@ def scoring_table(methods: dict, kinds) -> str:
     return markdown_table(rows, ["method", "auroc_partial", "auroc_all", *kinds, "first_error_accuracy", "nfe_per_step"])
 
 
+def steps_left_table(methods: dict) -> str:
+    rows = [{"method": k, **{f"{left} left": v["auroc_partial_by_steps_left"][left] for left in STEPS_LEFT}} for k, v in methods.items()]
+    return markdown_table(rows, ["method", *(f"{left} left" for left in STEPS_LEFT)])
+
+
 def prm_label_table(report: dict) -> str:
     rows = [{"label_source": source, "setting": setting, **q} for source, by in report.items() for setting, q in by.items()]
     columns = ["label_source", "setting", "threshold", "accuracy", "good_steps_kept", "bad_steps_caught", "first_error_found"]
@@ -567,6 +577,9 @@ def cli_scoring(argv: list[str]) -> None:
         "Passes are canvas evaluations (one row of one forward pass) per reasoning step.\n\n"
         + scoring_table(methods, SCORING_KINDS)
         + f"\n\n![AUROC vs passes]({plot.name})\n"
+        + "\n`auroc_partial` by the steps a prefix leaves masked (one pass must compute all of them to move p(gold)):\n\n"
+        + steps_left_table(methods)
+        + "\n"
     )
     if args.own_k:
         own = report["own_traces"]

@@ -74,6 +74,17 @@ def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
             assert balanced(by["best"]) >= balanced(by["at_default"])
 
 
+def test_partial_prefixes_are_also_reported_by_the_steps_they_leave_masked():
+    cases = [
+        {"steps": ["a", "b", "c"], "first_error": None, "kind": "clean"},
+        {"steps": ["a", "b", "c"], "first_error": 0, "kind": "slip_kept"},
+    ]
+    values = [[1.0, 1.0, 1.0], [0.0, 2.0, 0.0]]  # prefixes k = 1, 2, 3; the full one (k = 3) is not partial
+    report = bench.summarise(cases, values, [None, None], passes=1.0)
+    assert report["auroc_partial"] == 0.5
+    assert report["auroc_partial_by_steps_left"] == {"1": 0.0, "2": 1.0, "3+": None}
+
+
 def test_prm_label_quality_counts_good_steps_kept_and_bad_steps_caught():
     steps = ["3 * 4 = 12", "12 + 5 = 17", "17 - 2 = 15"]
     problem = SimpleNamespace(answer=15, steps=steps)
