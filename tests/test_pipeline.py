@@ -185,6 +185,7 @@ def test_hf_source_reads_gsm8k_format(tmp_path, template):
         {"question": GOOD, "answer": "He buys 3 more: 5 + 3 = <<5+3=8>>8 apples.\nSo he has 8.\n#### 8"},
         {"question": GOOD.replace("3", "995"), "answer": "5 + 995 = <<5+995=1000>>1000\n#### 1,000"},
         {"question": GOOD.replace("5", "9"), "answer": "the answer is 12"},
+        {"question": GOOD.replace("5", "4"), "answer": "4 + 3 = 7\n#### "},
     ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = validate_spec({"source": {"kind": "hf", "path": str(tmp_path), "split": "train"}}).source
@@ -192,7 +193,10 @@ def test_hf_source_reads_gsm8k_format(tmp_path, template):
     assert [p.gold_answer for p in problems] == ["8", "1000"]
     assert problems[0].gold_steps == ["He buys 3 more: 5 + 3 = 8 apples.", "So he has 8."]
     assert problems[0].problem_id == synthetic.problem_id(GOOD, "8")
-    assert [(r.row, r.reason) for r in rejected] == [(2, "missing_answer")]
+    assert [(r.row, r.reason, r.detail) for r in rejected] == [
+        (2, "missing_answer", "no '####' before the final answer"),
+        (3, "missing_answer", "nothing after '####'"),
+    ]
 
 
 # ---- stages without Ray ----------------------------------------------------------------------

@@ -83,11 +83,13 @@ def source_name(source: SourceSpec) -> str:
 
 
 def gsm8k_answer(text: str) -> tuple[str, list[str]]:
-    """GSM8k's answer field: human reasoning, then '#### 1,234'. Returns the answer without commas
-    and the reasoning lines with the <<48/2=24>> calculator annotations stripped."""
+    """GSM8k's answer field: human reasoning, then '#### 1,234'. Returns the answer in its one
+    spelling and the reasoning lines with the <<48/2=24>> calculator annotations stripped."""
     if GSM8K_ANSWER_MARK not in text:
         raise RowError("missing_answer", f"no {GSM8K_ANSWER_MARK!r} before the final answer")
     reasoning, _, final = text.rpartition(GSM8K_ANSWER_MARK)
+    if not final.strip():
+        raise RowError("missing_answer", f"nothing after {GSM8K_ANSWER_MARK!r}")
     steps = [line.strip() for line in CALCULATOR_ANNOTATION.sub("", reasoning).splitlines() if line.strip()]
     return canonical_answer(final), steps
 
