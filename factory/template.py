@@ -57,6 +57,10 @@ class ReasoningTemplate:
         self.filler_id = filler_id if filler_id is not None else tokenizer.eos_token_id
         self.separator_ids = self.encode_text(self.config.step_separator)
         self._token_texts: dict[int, str] = {}
+        # A word-level tokenizer decodes with a space between every token ('123 45 \n 6'); a BPE one
+        # round-trips, and the clean-up decode() needs for the first would merge '3 2-liter' into '32-liter'.
+        probe = "12345\n6"
+        self.spaced_decoding = tokenizer.decode(self.encode_text(probe), skip_special_tokens=True) != probe
         self.delimiter_ids = self.encode_text(" " + self.config.delimiter.strip())
         self.close_ids = self.encode_text(self.config.answer_close)
         self.end_ids = [tokenizer.eos_token_id]
@@ -138,14 +142,14 @@ class ReasoningTemplate:
     def decode(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in (self.filler_id, self.mask_id, self.pad_id)]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        # Word-level tokenizers put a space between digit chunks of one number and around newlines.
-        text = re.sub(r"(?<=\d) (?=\d)", "", text)
-        return re.sub(r" *\n *", "\n", text).strip()
+        if self.spaced_decoding:  # join the digit chunks of one number; no spaces around newlines
+            text = re.sub(r" *\n *", "\n", re.sub(r"(?<=\d) (?=\d)", "", text))
+        return text.strip()
 
-    def written_length(self, reasoning_ids: list[int]) -> int:
-        """Where the written reasoning ends: the first filler slot. Tokens after it are strays the
-        model left in unused slots; no step, filter or text ever includes them."""
-        return next((i for i, t in enumerate(reasoning_ids) if t == self.filler_id), len(reasoning_ids))
+    def written_length(self, region_ids: list[int]) -> int:
+        """Where the written part of a reasoning or answer region ends: its first filler slot. Tokens
+        after it are strays the model left in unused slots; no step, answer or text includes them."""
+        return next((i for i, t in enumerate(region_ids) if t == self.filler_id), len(region_ids))
 
     def reasoning_text(self, reasoning_ids: list[int]) -> str:
         return self.decode(reasoning_ids[: self.written_length(reasoning_ids)])
@@ -186,6 +190,6 @@ class ReasoningTemplate:
 
     def parse_answer(self, answer_ids: list[int]) -> str | None:
         """The integer written in the answer slots before the closing brace, or None."""
-        text = self.decode(answer_ids)
+        text = self.decode(answer_ids[: self.written_length(answer_ids)])
         text = text.split(self.config.answer_close)[0].replace(",", "").strip()
         return text if NUMBER.match(text) else None

@@ -1,14 +1,15 @@
 """The adapter over custom-code diffusion models, proven on tiny models the test writes itself."""
 
+import copy
 import json
 import shutil
 import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from factory.models.adapter import ModelAdapter, RemoteCodeRefused
+from factory.models.adapter import ModelAdapter, RemoteCodeRefused, load_tokenizer
 from factory.sampling.sampler import CanvasSampler, SamplerConfig
 from factory.template import ReasoningTemplate
 
@@ -40,7 +41,12 @@ MODELING = textwrap.dedent(
         def _init_weights(self, module):
             pass
 
-        def forward(self, input_ids, attention_mask=None, **kwargs):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+            if self.config.shift:  # Dream's attention hands the mask straight to SDPA
+                q = torch.zeros(input_ids.shape[0], 1, input_ids.shape[1], 4)
+                mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+                torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+                self.received = (attention_mask, position_ids)
             target = torch.roll(input_ids, -1, dims=1) if self.config.shift else input_ids
             logits = torch.nn.functional.one_hot(target, self.config.vocab_size).float() * self.scale
             return MaskedLMOutput(logits=logits)
@@ -48,7 +54,7 @@ MODELING = textwrap.dedent(
 )
 
 
-def write_copy_model(tmp_path, tokenizer, model_type, shift):
+def write_copy_model(tmp_path, tokenizer, model_type, shift, mask_in_config=False):
     import importlib.util
 
     (tmp_path / "modeling_copy.py").write_text(MODELING.format(model_type=model_type))
@@ -58,6 +64,10 @@ def write_copy_model(tmp_path, tokenizer, model_type, shift):
     module.CopyModel(module.CopyConfig(vocab_size=len(tokenizer), shift=shift)).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "modeling_copy.CopyConfig", "AutoModel": "modeling_copy.CopyModel"}
+    if mask_in_config:  # LLaDA's way: the mask id lives in the model config, not the tokenizer
+        config["mask_token_id"] = tokenizer.mask_token_id
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.mask_token = None
     (tmp_path / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(tmp_path)
     return tmp_path
@@ -76,6 +86,32 @@ def test_custom_code_models_load_with_aligned_logits(tmp_path, tokenizer, model_
     template = ReasoningTemplate(adapter.tokenizer)
     result = CanvasSampler(adapter, template, SamplerConfig(rule="left_to_right")).generate(["Tom has 5 apples."])[0]
     assert result.nfe == template.config.reasoning_slots + template.config.answer_slots
+
+
+def test_dream_gets_its_own_attention_mask_and_positions_for_a_padded_batch(tmp_path, tokenizer):
+    path = write_copy_model(tmp_path, tokenizer, "tiny-dream", True)
+    adapter = ModelAdapter.load(path, trust_remote_code=True, revision="0123abc", device="cpu")
+    template = ReasoningTemplate(adapter.tokenizer)
+    ids, attention = template.collate(
+        [template.canvas(template.encode_question(q)) for q in ("Tom has 5 apples.", "Tom has 5 apples. He buys 3.")]
+    )
+    adapter.logits(ids, attention)  # a 2-D integer mask made SDPA raise here
+    mask, positions = adapter.model.received
+    pad = int((attention[0] == 0).sum())
+    assert mask.dtype == torch.bool and mask.shape == (2, 1, ids.shape[1], ids.shape[1])
+    assert not mask[0, 0, pad:, :pad].any() and mask[0, 0, pad:, pad:].all() and mask[1].all()
+    assert positions[0, pad:].tolist() == list(range(ids.shape[1] - pad)) and positions[1].tolist() == list(range(ids.shape[1]))
+    adapter.logits(ids[1:], attention[1:])
+    assert adapter.model.received == ("full", None)  # no padding: Dream's own convention
+
+
+@pytest.mark.parametrize("kind", ["auto", "llada"])
+def test_the_driver_finds_a_mask_id_that_lives_in_the_model_config(tmp_path, tokenizer, kind):
+    path = write_copy_model(tmp_path, tokenizer, "tiny-llada", False, mask_in_config=True)
+    assert AutoTokenizer.from_pretrained(path).mask_token_id is None
+    assert load_tokenizer(path, kind).mask_token_id == tokenizer.mask_token_id  # the driver: no weights loaded
+    adapter = ModelAdapter.load(path, kind, trust_remote_code=True, revision="0123abc", device="cpu")
+    assert adapter.mask_id == tokenizer.mask_token_id and adapter.kind == "llada"
 
 
 def test_remote_code_is_refused_unless_allowed_and_pinned(tmp_path, tokenizer):

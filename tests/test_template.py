@@ -83,3 +83,12 @@ def test_the_written_reasoning_ends_at_the_first_filler(template):
     reasoning = written + [template.filler_id] + strays
     reasoning += [template.filler_id] * (template.config.reasoning_slots - len(reasoning))
     assert template.reasoning_text(reasoning) == "36 - 28 = 8" and template.split_steps(reasoning) == ["36 - 28 = 8"]
+    answer = template.encode_text("42") + [template.filler_id] + template.encode_text("7 }")
+    assert template.parse_answer(answer) == "42"  # not '427'
+
+
+def test_bpe_text_decodes_as_written(bpe_template):
+    """The clean-up a word-level tokenizer needs ('123 45' -> '12345') would corrupt BPE text."""
+    assert not bpe_template.spaced_decoding
+    for text in ("He buys 3 2-liter bottles.", "In 2 3 days he walks 1 2 miles", "4 + 3 = 7.\n 5"):
+        assert bpe_template.decode(bpe_template.encode_text(text)) == text.strip()

@@ -47,10 +47,10 @@ class ModelAdapter:
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Float32 logits aligned so that logits[:, i] is the distribution of token i."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if self.kind == "dream":
-            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
-        return out.float()
+            out = self.model(input_ids, *dream_attention(attention_mask)).logits
+            return torch.cat([out[:, :1], out[:, :-1]], dim=1).float()
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
     @classmethod
     def load(
@@ -73,16 +73,27 @@ class ModelAdapter:
             raise RemoteCodeRefused(f"{name}: trust_remote_code needs a pinned revision (a commit hash), so the code that runs is known")
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         if kind == "auto":
-            kind = _guess_kind(config)
+            kind = guess_kind(getattr(config, "model_type", ""))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         loader = AutoModelForMaskedLM if kind == "masked_lm" else AutoModel
         model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
-        tokenizer = load_tokenizer(model_id, kind, revision, trust_remote_code, config_mask_id=getattr(config, "mask_token_id", None))
+        tokenizer = load_tokenizer(model_id, kind, revision, trust_remote_code)
         mask_id = tokenizer.mask_token_id
         # A local checkpoint (the embedded one included) has no Hub revision: record its weights' digest.
         recorded = revision or (weights_digest(Path(path)) if Path(path).is_dir() else None)
         return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, recorded)
+
+
+def dream_attention(attention_mask: torch.Tensor) -> tuple[torch.Tensor | str, torch.Tensor | None]:
+    """(attention mask, position ids) as Dream's own generate passes them: its attention hands the
+    mask straight to SDPA, so a left-padded batch needs a [B, 1, L, L] bool mask and positions that
+    skip the padding; a batch without padding is "full"."""
+    if bool((attention_mask != 0).all()):
+        return "full", None
+    keep = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~keep, 1)
+    return keep[:, None, None, :] & keep[:, None, :, None], positions
 
 
 def resolve_model(model_id: str | Path | None) -> tuple[str | Path, str]:
@@ -97,21 +108,25 @@ def load_tokenizer(
     kind: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
-    config_mask_id: int | None = None,
 ):
-    """The model's tokenizer, with a mask token registered (LLaDA's lives in the model, not the tokenizer)."""
+    """The model's tokenizer, with a mask token registered (LLaDA's lives in the model config, or is
+    LLaDA's fixed id). The driver loads it without the weights, so it reads the config itself: the
+    driver and the actors must agree on the mask id."""
     path, name = resolve_model(model_id)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.mask_token_id is None:
-        mask_id = config_mask_id or (LLADA_MASK_ID if kind == "llada" else None)
+        raw_config, _ = PretrainedConfig.get_config_dict(path, revision=revision)
+        kind = guess_kind(raw_config.get("model_type", "")) if kind == "auto" else kind
+        mask_id = raw_config.get("mask_token_id")
+        mask_id = LLADA_MASK_ID if mask_id is None and kind == "llada" else mask_id
         if mask_id is None:
             raise ValueError(f"{name}: no mask token id in its tokenizer or config")
         tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
     return tokenizer
 
 
-def _guess_kind(config) -> str:
-    model_type = getattr(config, "model_type", "").lower()
+def guess_kind(model_type: str) -> str:
+    model_type = model_type.lower()
     if "llada" in model_type:
         return "llada"
     if "dream" in model_type:
