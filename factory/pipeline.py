@@ -36,7 +36,7 @@ from factory.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores
 from factory.sources.registry import SourceError, load_problems
 from factory.template import ReasoningTemplate
 from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
-from schemas.spec import BuildSpec, ModelSpec, SpecError, load_spec
+from schemas.spec import BuildSpec, ModelSpec, ResourceSpec, SpecError, load_spec
 
 ACTOR_POOL_START_TIMEOUT_S = 1200
 
@@ -176,12 +176,24 @@ def process_shard(maker: TraceMaker, shard: int, problems: list[Problem]) -> Sha
     )
 
 
+def require_cuda_if_gpus_held(resources: ResourceSpec) -> None:
+    """An actor given GPUs whose torch cannot see CUDA (a CPU wheel, a driver mismatch) would run an
+    8B model on CPU unnoticed: it fails, unless the spec allows the fallback."""
+    if resources.num_gpus_per_actor > 0 and not torch.cuda.is_available() and not resources.cpu_fallback:
+        raise RuntimeError(
+            f"this actor holds {resources.num_gpus_per_actor} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')}) but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no "
+            "CUDA device; install a torch build that matches the node's driver, or set resources.cpu_fallback: true"
+        )
+
+
 class ShardWorker:
-    """Ray Data callable class: one model load per actor, then one shard per row of each batch.
-    On a node with logical GPUs but no CUDA the model runs on CPU while the actor holds its GPU."""
+    """Ray Data callable class: one model load per actor, then one shard per row of each batch."""
 
     def __init__(self, spec_json: str):
-        self.maker = TraceMaker(BuildSpec.model_validate_json(spec_json))
+        spec = BuildSpec.model_validate_json(spec_json)
+        require_cuda_if_gpus_held(spec.resources)
+        self.maker = TraceMaker(spec)
 
     def __call__(self, batch: dict) -> dict:
         results = []

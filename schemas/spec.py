@@ -187,6 +187,9 @@ class ResourceSpec(BaseModel):
 
     num_actors: int = Field(1, ge=1, description="model replicas (Ray actors)")
     num_gpus_per_actor: float = Field(0, ge=0, description="0 on CPU")
+    cpu_fallback: bool = Field(
+        False, description="an actor that holds GPUs but whose torch sees no CUDA runs on CPU (logical GPUs in tests); off: it fails"
+    )
     num_cpus_per_actor: float = Field(1, gt=0)
     batch_size: int = Field(1, ge=1, description="shards per Ray map_batches call")
 

@@ -21,14 +21,14 @@ import factory
 from factory import output, provenance
 from factory.checks import false_equation, filter_traces, final_number, step_labels
 from factory.output import BuildDir, BuildError, prm_rows, size_category
-from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard
+from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard, require_cuda_if_gpus_held
 from factory.sampling.sampler import SampleResult
 from factory.scoring import Trace
 from factory.sources import synthetic
 from factory.sources.registry import SourceError, canonical_answer, load_problems
 from schemas.arrow import arrow_schema, from_table, to_table
 from schemas.records import Problem, SFTRow, TraceRow
-from schemas.spec import FilterSpec, SpecError, load_spec, validate_spec
+from schemas.spec import FilterSpec, ResourceSpec, SpecError, load_spec, validate_spec
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -389,6 +389,14 @@ def test_answers_have_one_spelling_and_json_arrays_load(tmp_path, template):
     problems, rejected = load_problems(validate_spec({"source": {"kind": "local", "path": str(tmp_path / "rows.json")}}).source, template)
     assert [p.gold_answer for p in problems] == ["40", "7", "12", "0"] and rejected == []
     assert [canonical_answer(a) for a in ("1,234", 2.5, "4.0", "-3", "x")] == ["1234", "2.5", "4", "-3", "x"]
+
+
+def test_an_actor_holding_gpus_without_cuda_fails_unless_the_spec_allows_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU wheel, or a driver the wheel does not match
+    with pytest.raises(RuntimeError, match="holds 1.0 GPU.*sees no CUDA device.*resources.cpu_fallback: true"):
+        require_cuda_if_gpus_held(ResourceSpec(num_gpus_per_actor=1))
+    require_cuda_if_gpus_held(ResourceSpec(num_gpus_per_actor=1, cpu_fallback=True))
+    require_cuda_if_gpus_held(ResourceSpec(num_gpus_per_actor=0))
 
 
 def test_the_code_version_changes_with_any_source_that_builds_rows(tmp_path, monkeypatch):

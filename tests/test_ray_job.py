@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import tomllib
 import yaml
 
 from factory.sources import synthetic
@@ -58,7 +59,7 @@ def test_ray_job_gives_each_actor_its_own_gpu(tmp_path, tmp_path_factory, tiny_m
         "sampler": {"k": 2, "temperature": 0.7},
         "filters": {"answer_match": False, "step_labels": False, "min_steps": 0},
         "output": {"shard_size": 1},
-        "resources": {"num_actors": 2, "num_gpus_per_actor": 1, "num_cpus_per_actor": 0.5},
+        "resources": {"num_actors": 2, "num_gpus_per_actor": 1, "num_cpus_per_actor": 0.5, "cpu_fallback": True},  # logical GPUs
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
@@ -90,10 +91,21 @@ def test_cluster_launcher_config_passes_rays_schema():
     assert any("pip install" in c and "mdlm-factory" in c for c in config["setup_commands"])
 
 
+def test_the_job_entry_point_refuses_a_relative_output(tmp_path):
+    """Under `ray job submit --working-dir` the driver runs in Ray's temporary copy of the checkout."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"output": {"dir": "out/build"}}))
+    entry = [sys.executable, str(REPO / "jobs" / "build_dataset.py"), "--spec", str(tmp_path / "spec.yaml")]
+    job = subprocess.run(entry, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert job.returncode != 0 and "output directory 'out/build' is relative" in job.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_rayjob_runs_the_build_entry_point():
     job = yaml.safe_load((REPO / "deploy" / "rayjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
-    script = job["spec"]["entrypoint"].split()[1]
-    assert (REPO / script).exists()
+    command, subcommand, *_ = job["spec"]["entrypoint"].split()  # the console script: works with pip install alone
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert (command, subcommand) == ("factory", "build") and scripts[command] == "factory.cli:main"
+    assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"]  # min/max replicas need the autoscaler
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert any("nvidia.com/gpu" in c["resources"]["limits"] for w in workers for c in w["template"]["spec"]["containers"])
