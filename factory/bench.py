@@ -18,7 +18,7 @@ from factory.checks import step_labels
 from factory.evaluate import accuracy_report
 from factory.models.adapter import ModelAdapter
 from factory.sampling.sampler import CanvasSampler, Request, SamplerConfig, seed_for
-from factory.scoring import LABEL_SOURCES, StepScorer, Trace
+from factory.scoring import LABEL_SOURCES, StepScorer, Trace, equals_offset
 from factory.sources import synthetic
 from factory.template import ReasoningTemplate, TemplateError
 from schemas.spec import ScoringSpec
@@ -389,6 +389,47 @@ def encodable(template, cases: list[dict]) -> list[dict]:
     return kept
 
 
+def lookahead_report(adapter, template, problems, batch_size: int = 128) -> dict:
+    """What one pass computes ahead of the reasoning: on clean prefixes as the one-pass scorer reads
+    them (k gold steps visible, every later slot masked), the share whose argmax spells the first
+    masked step's operands and operator, its result, and the gold answer, by the steps left masked.
+    A wrong visible step moves p(gold) only as far as the model computes the masked steps."""
+    scorer, probes = StepScorer(adapter, template), []
+    for p in problems:
+        try:
+            question, reasoning = template.encode_question(p.question), template.encode_reasoning(p.steps)
+            answer = template.encode_answer(str(p.answer))
+        except TemplateError:
+            continue
+        step_spans = template.step_spans(reasoning)
+        for k, (start, end) in enumerate(step_spans):
+            visible = scorer.visible_end(reasoning, k)
+            masked = reasoning[:visible] + [adapter.mask_id] * (len(reasoning) - visible)
+            left = STEPS_LEFT[min(len(step_spans) - k, len(STEPS_LEFT)) - 1]
+            probes.append((template.canvas(question, masked, None), reasoning, answer, (start, end), left))
+    tally = {left: Counter() for left in STEPS_LEFT}
+    for at in range(0, len(probes), batch_size):
+        chunk = probes[at : at + batch_size]
+        ids, attention = template.collate([probe[0] for probe in chunk])
+        spans = template.spans(ids.shape[1])
+        predicted = adapter.logits(ids, attention).argmax(-1).cpu()
+        for row, (_, reasoning, answer, (start, end), left) in zip(predicted, chunk):
+            guess = row[spans.reasoning].tolist()
+            head_end = start + max(equals_offset(template, reasoning[start:end]), 0)
+            scored = scorer.scored_answer_length(answer)
+            tally[left].update(
+                prefixes=1,
+                operands_and_operator=guess[start:head_end] == reasoning[start:head_end],
+                result=guess[head_end:end] == reasoning[head_end:end],
+                answer=row[spans.answer].tolist()[:scored] == answer[:scored],
+            )
+    return {
+        left: {"prefixes": c["prefixes"], **{k: c[k] / c["prefixes"] for k in ("operands_and_operator", "result", "answer")}}
+        for left, c in tally.items()
+        if c["prefixes"]
+    }
+
+
 def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, kinds=SCORING_KINDS) -> tuple[dict, list]:
     """Every scorer that reads the model without sampling, summarised over the cases; and the
     marginal estimator's scores of each case."""
@@ -505,6 +546,7 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: 
         "traces": len(cases),
         "by_kind": {k: sum(c["kind"] == k for c in cases) for k in ("clean", *SCORING_KINDS)},
         "methods": methods,
+        "lookahead": lookahead_report(adapter, template, problems, batch_size),
     }
     if own_k:
         own = [c for c in encodable(template, own_trace_cases(adapter, template, problems, own_k, seed)) if c["steps"]]
@@ -531,6 +573,11 @@ def scoring_table(methods: dict, kinds) -> str:
 def steps_left_table(methods: dict) -> str:
     rows = [{"method": k, **{f"{left} left": v["auroc_partial_by_steps_left"][left] for left in STEPS_LEFT}} for k, v in methods.items()]
     return markdown_table(rows, ["method", *(f"{left} left" for left in STEPS_LEFT)])
+
+
+def lookahead_table(report: dict) -> str:
+    rows = [{"steps left": left, **shares} for left, shares in report.items()]
+    return markdown_table(rows, ["steps left", "prefixes", "operands_and_operator", "result", "answer"])
 
 
 def prm_label_table(report: dict) -> str:
@@ -579,6 +626,9 @@ def cli_scoring(argv: list[str]) -> None:
         + f"\n\n![AUROC vs passes]({plot.name})\n"
         + "\n`auroc_partial` by the steps a prefix leaves masked (one pass must compute all of them to move p(gold)):\n\n"
         + steps_left_table(methods)
+        + "\n\nWhat one pass computes ahead: on the clean prefixes of the same problems, read as one pass reads them, the "
+        "share whose argmax spells the first masked step's operands and operator, its result, and the gold answer:\n\n"
+        + lookahead_table(report["lookahead"])
         + "\n"
     )
     if args.own_k:

@@ -24,6 +24,11 @@ ESTIMATORS = ("marginal", "chain")
 LABEL_SOURCES = {"self_consistency": "self_consistency", "answer_delta": "step_scores"}
 
 
+def equals_offset(template: ReasoningTemplate, step_ids: list[int]) -> int:
+    """Offset of a step's last '=' token, -1 if it has none; found by text, as BPE fuses ' ='."""
+    return max((i for i, t in enumerate(step_ids) if "=" in template.token_text(t)), default=-1)
+
+
 @dataclass(frozen=True)
 class Trace:
     question_ids: list[int]
@@ -109,7 +114,7 @@ class StepScorer:
         rows = []
         for start, end in tpl.step_spans(trace.reasoning_ids):
             step = trace.reasoning_ids[start:end]
-            eq = max((i for i, t in enumerate(step) if "=" in tpl.token_text(t)), default=-1)  # BPE fuses ' ='; read the text
+            eq = equals_offset(tpl, step)
             result = range(start + eq + 1, end) if eq + 1 < len(step) else range(start, end)
             head = range(start, start + eq) if eq > 0 else range(start, end)
             for hidden_from, read in ((result.start, result), (start, head)):

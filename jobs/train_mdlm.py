@@ -251,6 +251,32 @@ def init_fourier_numbers(model, tokenizer, periods: tuple[int, ...] = (10, 100, 
                 weight[index, : 2 * len(periods)] = torch.cat([angles.cos(), angles.sin()])
 
 
+def grow_depth(model: ModernBertForMaskedLM, insert_after: list[int]) -> ModernBertForMaskedLM:
+    """The same function with more layers: after each listed layer, a copy of it whose two output
+    projections (attention and MLP) are zero, so the new layer adds nothing to the residual stream
+    until training gives it a use. One-pass step scoring needs hops the 6-layer model lacks: with a
+    step masked it names the step's operands and operator (0.98 right) but not its result (0.07)."""
+    old = model.model.layers
+    if not insert_after or any(not 0 <= i < len(old) for i in insert_after):
+        raise ValueError(f"insert_after must name layers 0..{len(old) - 1}, got {insert_after}")
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.num_hidden_layers = len(old) + len(insert_after)
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    grown = ModernBertForMaskedLM(config)
+    sources = [item for i in range(len(old)) for item in [(i, False)] + [(i, True)] * insert_after.count(i)]
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    for index, (source, identity) in enumerate(sources):
+        for name, value in old[source].state_dict().items():
+            if identity and name.endswith("Wo.weight"):
+                value = torch.zeros_like(value)
+            state[f"model.layers.{index}.{name}"] = value
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    # Layer 0 has no attention norm; a copy of it placed deeper keeps the fresh norm of its slot.
+    if unexpected or any(not k.endswith("attn_norm.weight") for k in missing):
+        raise RuntimeError(f"grown model does not match: missing {missing}, unexpected {unexpected}")
+    return grown
+
+
 def response_slots(template: ReasoningTemplate) -> int:
     return template.config.reasoning_slots + template.config.answer_slots
 
@@ -302,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument(
+        "--grow-after", type=int, nargs="+", help="with --init-from: insert a function-preserving copy of each listed layer after it"
+    )
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -318,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tokenizer = build_tokenizer()
         model = ModernBertForMaskedLM(embedded_config(tokenizer, args.hidden, args.layers, args.heads, args.intermediate))
+    if args.grow_after:
+        if not args.init_from:
+            ap.error("--grow-after grows a trained model: give --init-from")
+        model = grow_depth(model, args.grow_after)
     if args.fourier_numbers:  # on a trained model it overwrites those dims, and training re-learns around them
         init_fourier_numbers(model, tokenizer)
     template = ReasoningTemplate(tokenizer)

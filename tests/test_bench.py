@@ -2,9 +2,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from factory import bench
 from factory.cli import main as factory_main
+from factory.models.adapter import ModelAdapter
 from factory.sources.synthetic import SyntheticConfig, generate
 from schemas.spec import ScoringSpec
 
@@ -63,6 +65,8 @@ def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
     assert methods["self_consistency"]["nfe_per_step"] == pytest.approx(2 * methods["result_consistency"]["nfe_per_step"], abs=1e-3)
     own = report["own_traces"]  # the model's own traces: every sample counted, each labelled by its first departure
     assert own["sampled"] == 6 and own["traces"] == sum(own["by_kind"].values()) <= 6
+    assert set(report["lookahead"]) <= set(bench.STEPS_LEFT)
+    assert sum(r["prefixes"] for r in report["lookahead"].values()) == sum(len(p.steps) for p in problems)
     assert set(own["methods"]) == {"one_pass", "chain_rule", "result_consistency", "self_consistency", "combined"}
     assert all(set(m["auroc_by_kind"]) == set(bench.OWN_KINDS) for m in own["methods"].values())
     assert set(own["prm_labels"]) == {"self_consistency", "answer_delta", "exact_checks_only"}
@@ -83,6 +87,45 @@ def test_partial_prefixes_are_also_reported_by_the_steps_they_leave_masked():
     report = bench.summarise(cases, values, [None, None], passes=1.0)
     assert report["auroc_partial"] == 0.5
     assert report["auroc_partial_by_steps_left"] == {"1": 0.0, "2": 1.0, "3+": None}
+
+
+class CanvasOracle(ModelAdapter):
+    """Predicts every slot of a canvas from a table of whole canvases keyed by their question; one
+    that knows nothing predicts the mask token everywhere."""
+
+    def __init__(self, template, canvases: dict[tuple, list[int]]):
+        super().__init__(None, template.tokenizer, "masked_lm", template.mask_id, "oracle")
+        self.template, self.canvases = template, canvases
+
+    def logits(self, input_ids, attention_mask):
+        out = torch.zeros(*input_ids.shape, len(self.tokenizer))
+        for b, (row, keep) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+            row = row[len(row) - sum(keep) :]
+            target = self.canvases.get(tuple(row[: len(row) - self.template.suffix_length]), [self.mask_id] * len(row))
+            out[b, len(input_ids[b]) - len(row) :] = torch.nn.functional.one_hot(torch.tensor(target), len(self.tokenizer)).float()
+        return out
+
+
+def test_lookahead_counts_what_one_pass_spells_ahead_by_steps_left(template):
+    problems = generate(6, seed=8, config=SyntheticConfig(1, 4))
+    gold = {}
+    for p in problems:
+        question = template.encode_question(p.question)
+        gold[tuple(question)] = template.canvas(question, template.encode_reasoning(p.steps), template.encode_answer(str(p.answer)))
+    report = bench.lookahead_report(CanvasOracle(template, gold), template, problems, batch_size=4)
+    # one prefix per step: k = 0..n-1 steps visible, leaving n-k masked
+    expected = {left: 0 for left in bench.STEPS_LEFT}
+    for p in problems:
+        for k in range(len(p.steps)):
+            expected[bench.STEPS_LEFT[min(len(p.steps) - k, 3) - 1]] += 1
+    assert {left: r["prefixes"] for left, r in report.items()} == {k: v for k, v in expected.items() if v}
+    assert all(r["operands_and_operator"] == r["result"] == r["answer"] == 1.0 for r in report.values())
+    blind = bench.lookahead_report(CanvasOracle(template, {}), template, problems, batch_size=4)
+    assert all(r["operands_and_operator"] == r["result"] == r["answer"] == 0.0 for r in blind.values())
+    # an oracle that knows one problem is right on its prefixes only
+    first = problems[0]
+    one = bench.lookahead_report(CanvasOracle(template, dict(list(gold.items())[:1])), template, problems, batch_size=4)
+    assert sum(r["answer"] * r["prefixes"] for r in one.values()) == pytest.approx(len(first.steps))
 
 
 def test_prm_label_quality_counts_good_steps_kept_and_bad_steps_caught():

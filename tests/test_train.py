@@ -5,6 +5,7 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -226,3 +227,29 @@ def test_fourier_numbers_write_each_value_into_its_embedding(tokenizer):
     # 42 and 52 agree mod 10 only: their period-10 features match, the period-100 ones do not.
     a, b = (weight[tokenizer.convert_tokens_to_ids(n), :6] for n in ("42", "52"))
     assert torch.allclose(a[[0, 3]], b[[0, 3]], atol=1e-5) and not torch.allclose(a[[1, 4]], b[[1, 4]], atol=1e-2)
+
+
+def test_grown_model_computes_the_same_function_and_trains_on(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    small = train_mdlm.ModernBertForMaskedLM(train_mdlm.embedded_config(tokenizer, 32, 3, 2, 64)).eval()
+    grown = train_mdlm.grow_depth(small, [1, 2, 2]).eval()
+    assert grown.config.num_hidden_layers == 6 and len(grown.config.layer_types) == 6
+    ids = torch.randint(4, len(tokenizer), (2, 30))
+    with torch.no_grad():
+        before = small(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        after = grown(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(before, after, atol=1e-5)  # the inserted layers add nothing yet
+    # layers 0, 1, copy of 1, 2, copy of 2, copy of 2: a copy's inputs as its source's, its outputs zero
+    assert torch.equal(grown.model.layers[2].attn.Wqkv.weight, small.model.layers[1].attn.Wqkv.weight)
+    assert all(grown.model.layers[i].attn.Wo.weight.abs().sum() == grown.model.layers[i].mlp.Wo.weight.abs().sum() == 0 for i in (2, 4, 5))
+    assert torch.equal(grown.model.layers[3].mlp.Wo.weight, small.model.layers[2].mlp.Wo.weight)
+    with pytest.raises(ValueError, match="0..2"):
+        train_mdlm.grow_depth(small, [3])
+    # from an exported model: grown, trained, checkpointed, and resumed at the grown depth
+    small.save_pretrained(tmp_path / "small")
+    tokenizer.save_pretrained(tmp_path / "small")
+    args = ["--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "small"), "--grow-after", "0", "--warmup-copy-steps", "0"]
+    train_mdlm.main([*args, "--steps", "2", "--checkpoint-every", "2", *TINY[8:]])
+    train_mdlm.main([*args, "--steps", "3", "--checkpoint-every", "2", *TINY[8:]])
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "hf").config.num_hidden_layers == 4
+    assert json.loads((tmp_path / "run" / "hf" / "training_state.json").read_text())["step"] == 3
