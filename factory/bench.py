@@ -390,10 +390,11 @@ def encodable(template, cases: list[dict]) -> list[dict]:
 
 
 def lookahead_report(adapter, template, problems, batch_size: int = 128) -> dict:
-    """What one pass computes ahead of the reasoning: on clean prefixes as the one-pass scorer reads
-    them (k gold steps visible, every later slot masked), the share whose argmax spells the first
-    masked step's operands and operator, its result, and the gold answer, by the steps left masked.
-    A wrong visible step moves p(gold) only as far as the model computes the masked steps."""
+    """What one pass computes ahead of the reasoning, by the steps left masked. On clean prefixes read
+    as the one-pass scorer reads them (k gold steps visible, all later slots masked): the share whose
+    argmax spells the first masked step's operands and operator, its result, and the gold answer; a
+    wrong visible step moves p(gold) only as far as the model computes what is masked. Then that step
+    written up to its last operand token: is one hidden operand enough to lose the result?"""
     scorer, probes = StepScorer(adapter, template), []
     for p in problems:
         try:
@@ -403,31 +404,32 @@ def lookahead_report(adapter, template, problems, batch_size: int = 128) -> dict
             continue
         step_spans = template.step_spans(reasoning)
         for k, (start, end) in enumerate(step_spans):
-            visible = scorer.visible_end(reasoning, k)
-            masked = reasoning[:visible] + [adapter.mask_id] * (len(reasoning) - visible)
+            equals = start + equals_offset(template, reasoning[start:end])
+            if equals <= start:
+                continue  # a step without operands before an '=' has no result to read
             left = STEPS_LEFT[min(len(step_spans) - k, len(STEPS_LEFT)) - 1]
-            probes.append((template.canvas(question, masked, None), reasoning, answer, (start, end), left))
-    tally = {left: Counter() for left in STEPS_LEFT}
+            for visible in (scorer.visible_end(reasoning, k), equals - 1):
+                masked = reasoning[:visible] + [adapter.mask_id] * (len(reasoning) - visible)
+                probes.append((template.canvas(question, masked, None), reasoning, answer, (start, equals, end), left))
+    guesses = []
     for at in range(0, len(probes), batch_size):
-        chunk = probes[at : at + batch_size]
-        ids, attention = template.collate([probe[0] for probe in chunk])
+        ids, attention = template.collate([probe[0] for probe in probes[at : at + batch_size]])
         spans = template.spans(ids.shape[1])
         predicted = adapter.logits(ids, attention).argmax(-1).cpu()
-        for row, (_, reasoning, answer, (start, end), left) in zip(predicted, chunk):
-            guess = row[spans.reasoning].tolist()
-            head_end = start + max(equals_offset(template, reasoning[start:end]), 0)
-            scored = scorer.scored_answer_length(answer)
-            tally[left].update(
-                prefixes=1,
-                operands_and_operator=guess[start:head_end] == reasoning[start:head_end],
-                result=guess[head_end:end] == reasoning[head_end:end],
-                answer=row[spans.answer].tolist()[:scored] == answer[:scored],
-            )
-    return {
-        left: {"prefixes": c["prefixes"], **{k: c[k] / c["prefixes"] for k in ("operands_and_operator", "result", "answer")}}
-        for left, c in tally.items()
-        if c["prefixes"]
-    }
+        guesses += [(row[spans.reasoning].tolist(), row[spans.answer].tolist()) for row in predicted]
+    tally = {left: Counter() for left in STEPS_LEFT}
+    for (prefix, prefix_answer), (one_hidden, _), probe in zip(guesses[0::2], guesses[1::2], probes[0::2]):
+        _, reasoning, answer, (start, equals, end), left = probe
+        scored = scorer.scored_answer_length(answer)
+        tally[left].update(
+            prefixes=1,
+            operands_and_operator=prefix[start:equals] == reasoning[start:equals],
+            result=prefix[equals:end] == reasoning[equals:end],
+            answer=prefix_answer[:scored] == answer[:scored],
+            result_one_operand_masked=one_hidden[equals:end] == reasoning[equals:end],
+        )
+    columns = ("operands_and_operator", "result", "answer", "result_one_operand_masked")
+    return {left: {"prefixes": c["prefixes"], **{k: c[k] / c["prefixes"] for k in columns}} for left, c in tally.items() if c["prefixes"]}
 
 
 def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, kinds=SCORING_KINDS) -> tuple[dict, list]:
@@ -577,7 +579,7 @@ def steps_left_table(methods: dict) -> str:
 
 def lookahead_table(report: dict) -> str:
     rows = [{"steps left": left, **shares} for left, shares in report.items()]
-    return markdown_table(rows, ["steps left", "prefixes", "operands_and_operator", "result", "answer"])
+    return markdown_table(rows, ["steps left", "prefixes", "operands_and_operator", "result", "answer", "result_one_operand_masked"])
 
 
 def prm_label_table(report: dict) -> str:
