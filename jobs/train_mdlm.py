@@ -60,8 +60,8 @@ from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
 
 EPS = 1e-3
 TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
-LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result", "next_token", "far_operand", "answer_ahead")
-STEP_CUT_LAYOUTS = ("next_result", "next_token", "far_operand")  # cut inside one step; the loss is on that step's rest
+LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result", "next_token", "far_operand", "answer_ahead", "hidden_operand")
+STEP_CUT_LAYOUTS = ("next_result", "next_token", "far_operand", "hidden_operand")  # cut inside one step; the loss on its rest
 
 
 def far_operands(problem: synthetic.SyntheticProblem) -> list[tuple[int, bool]]:
@@ -148,7 +148,8 @@ class BatchMaker:
                 else:  # after the step's '=', or anywhere up to it
                     start, end = rng.choice(step_spans)
                     equals = reasoning[start:end].index(self.equals_id)
-                    offset = equals + 1 if layout == "next_result" else rng.randint(0, equals + 1)
+                    offset = {"next_result": equals + 1, "hidden_operand": equals - 1}.get(layout)
+                    offset = rng.randint(0, equals + 1) if offset is None else offset
                 visible_end = spans.reasoning.start + start + offset
             else:
                 low = 0 if first_visible_error is None else first_visible_error + 1
@@ -170,6 +171,11 @@ class BatchMaker:
                 return ids, masked, [masked[p] and p >= spans.answer.start for p in range(len(ids))]
             if not step_cut:
                 return ids, masked, masked
+            if layout == "hidden_operand":
+                # The result alone, its last operand masked: one pass must infer the operand and compute
+                # with it (stage 8 named the operand 0.98 of the time and then the result 0.17-0.32).
+                first = visible_end + 2
+                return ids, masked, [first <= p < spans.reasoning.start + end for p in range(len(ids))]
             # The rest of the step and the token after it: the next step's separator or the end filler,
             # where left-to-right decoding decides whether the reasoning goes on.
             loss = [visible_end <= p <= spans.reasoning.start + end and masked[p] for p in range(len(ids))]
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         "--mix",
         type=float,
         nargs=len(LAYOUTS),
-        default=(0.15, 0.1, 0.1, 0.05, 0.15, 0.25, 0.2, 0),
+        default=(0.15, 0.1, 0.1, 0.05, 0.15, 0.25, 0.2, 0, 0),
         metavar=tuple(name.upper() for name in LAYOUTS),
     )
     ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")

@@ -131,6 +131,19 @@ def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
     assert sum(n for t, n in cuts_after.items() if t.isdigit()) > 0
 
 
+def test_hidden_operand_layout_masks_a_steps_last_operand_and_trains_its_result_alone(template):
+    maker = train_mdlm.BatchMaker(template, seed=5, mix=only("hidden_operand"), step_weights=[0, 1, 1, 1, 1, 0])
+    rng = random.Random(5)
+    for _ in range(40):
+        ids, masked, loss = maker.row(rng)
+        reasoning, step_spans, index, offset = cut_in_step(template, ids, masked)
+        start, end = step_spans[index]
+        step = template.tokenizer.convert_ids_to_tokens(reasoning[start:end])
+        assert offset == step.index("=") - 1 and step[offset].isdigit()  # the cut falls just before the last operand
+        base = template.spans(len(ids)).reasoning.start
+        assert [p for p in range(len(ids)) if loss[p]] == list(range(base + start + offset + 2, base + end))  # the result
+
+
 def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(template):
     maker = train_mdlm.BatchMaker(template, seed=8, mix=only("far_operand"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(8)
