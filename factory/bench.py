@@ -629,7 +629,8 @@ def cli_scoring(argv: list[str]) -> None:
         + "\n`auroc_partial` by the steps a prefix leaves masked (one pass must compute all of them to move p(gold)):\n\n"
         + steps_left_table(methods)
         + "\n\nWhat one pass computes ahead: on the clean prefixes of the same problems, read as one pass reads them, the "
-        "share whose argmax spells the first masked step's operands and operator, its result, and the gold answer:\n\n"
+        "share whose argmax spells the first masked step's operands and operator, its result, and the gold answer; and the result "
+        "again with that step written up to its last operand token (that token and all after it masked):\n\n"
         + lookahead_table(report["lookahead"])
         + "\n"
     )
