@@ -173,7 +173,7 @@ class BatchMaker:
                 return ids, masked, masked
             if layout == "hidden_operand":
                 # The result alone, its last operand masked: one pass must infer the operand and compute
-                # with it (stage 8 named the operand 0.98 of the time and then the result 0.17-0.32).
+                # with it (stage 8: the result right 0.15-0.31 of the time so, always with the operand written).
                 first = visible_end + 2
                 return ids, masked, [first <= p < spans.reasoning.start + end for p in range(len(ids))]
             # The rest of the step and the token after it: the next step's separator or the end filler,
@@ -263,8 +263,8 @@ def init_fourier_numbers(model, tokenizer, periods: tuple[int, ...] = (10, 100, 
 def grow_depth(model: ModernBertForMaskedLM, insert_after: list[int]) -> ModernBertForMaskedLM:
     """The same function with more layers: after each listed layer, a copy of it whose two output
     projections (attention and MLP) are zero, so the new layer adds nothing to the residual stream
-    until training gives it a use. One-pass step scoring needs hops the 6-layer model lacks: with a
-    step masked it names the step's operands and operator (0.98 right) but not its result (0.07)."""
+    until training gives it a use. Tried for the hops one-pass step scoring needs and the 6-layer model
+    lacks (the lookahead table in docs/benchmarks.md; the model card says what 790 steps at 10 layers did)."""
     old = model.model.layers
     if not insert_after or any(not 0 <= i < len(old) for i in insert_after):
         raise ValueError(f"insert_after must name layers 0..{len(old) - 1}, got {insert_after}")
