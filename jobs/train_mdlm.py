@@ -46,7 +46,6 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,20 +60,7 @@ from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
 
 EPS = 1e-3
 TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
-LAYOUTS = (
-    "uniform",
-    "prefix",
-    "corrupted",
-    "results",
-    "next_result",
-    "next_token",
-    "far_operand",
-    "answer_ahead",
-    "hidden_operand",
-    "answer_from_prefix",
-)
-ANSWER_LAYOUTS = ("answer_ahead", "answer_from_prefix")  # the loss on the answer slots alone
-RULED_OUT_FLOOR = -7.0  # nats: a ruled-out answer below p ~ 1e-3 costs nothing
+LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result", "next_token", "far_operand", "answer_ahead", "hidden_operand")
 STEP_CUT_LAYOUTS = ("next_result", "next_token", "far_operand", "hidden_operand")  # cut inside one step; the loss on its rest
 
 
@@ -98,13 +84,6 @@ def bf16_is_fast() -> bool:
     return any(native) or torch.cuda.is_available()
 
 
-class Row(NamedTuple):
-    ids: list[int]
-    masked: list[bool]
-    loss: list[bool]  # the masked slots that carry the cross-entropy
-    avoid: dict[int, int]  # slot -> a token the row's target rules out, mostly empty
-
-
 class BatchMaker:
     """Builds (input_ids, attention, labels, weights) batches; rows depend only on (seed, step)."""
 
@@ -121,9 +100,9 @@ class BatchMaker:
         steps = rng.randint(1, max_steps) if max_steps else rng.choices(range(1, 7), weights=self.step_weights)[0]
         return synthetic.make_problem(rng, steps, self.config)
 
-    def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> Row:
+    def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> tuple[list[int], list[bool], list[bool]]:
         """One canvas, which of its slots are masked and which of those carry loss (all of them but
-        in the STEP_CUT_LAYOUTS and ANSWER_LAYOUTS). Warm-up rows mask reasoning only (uniform layout)."""
+        in the STEP_CUT_LAYOUTS and answer_ahead). Warm-up rows mask reasoning only (uniform layout)."""
         warmup = warmup_max_steps is not None
         tpl = self.template
         while True:
@@ -133,7 +112,7 @@ class BatchMaker:
             far = far_operands(problem) if layout == "far_operand" else None
             if far == []:
                 continue
-            if layout == "corrupted" or (layout in ANSWER_LAYOUTS and rng.random() < 0.5):
+            if layout == "corrupted" or (layout == "answer_ahead" and rng.random() < 0.5):
                 trace = synthetic.corrupt(problem, rng.choice(TRAIN_KINDS), rng)
                 if trace is None or trace.answer < 0:
                     continue
@@ -155,10 +134,10 @@ class BatchMaker:
                 chosen = [p for p in response if rng.random() < t] or [rng.choice(response)]
                 for p in chosen:
                     masked[p] = True
-                return Row(ids, masked, masked, {})
+                return ids, masked, masked
             if layout == "results":
                 masked = self._mask_results(ids, reasoning)
-                return Row(ids, masked, masked, {})
+                return ids, masked, masked
             step_spans = tpl.step_spans(reasoning)
             step_cut = layout in STEP_CUT_LAYOUTS
             if step_cut:
@@ -176,10 +155,6 @@ class BatchMaker:
                 low = 0 if first_visible_error is None else first_visible_error + 1
                 if layout == "answer_ahead":  # one or two steps left to compute in the answer slots
                     k = max(low, len(step_spans) - rng.choice((1, 1, 2)))
-                elif layout == "answer_from_prefix":  # any prefix that leaves a step to compute
-                    if low >= len(step_spans):
-                        continue
-                    k = rng.randint(low, len(step_spans) - 1)
                 else:
                     k = rng.randint(low, len(step_spans))
                 # The token after step k (separator, or end filler after the last step) is visible half
@@ -189,31 +164,22 @@ class BatchMaker:
                 visible_end = spans.reasoning.start + (step_spans[k - 1][1] + rng.randint(0, 1) if k else 0)
             for p in response:
                 masked[p] = p >= visible_end
-            if layout in ANSWER_LAYOUTS:
+            if layout == "answer_ahead":
                 # The loss on the answer alone: one-pass step scoring reads it with the later steps
                 # masked, and in the prefix layout it is one target among ~40 (stage 7, clean prefixes
                 # with one step left: the answer's argmax was the gold one 4% of the time).
-                loss = [masked[p] and p >= spans.answer.start for p in range(len(ids))]
-                return Row(ids, masked, loss, self._ruled_out(problem, answer_ids, spans) if layout == "answer_from_prefix" else {})
+                return ids, masked, [masked[p] and p >= spans.answer.start for p in range(len(ids))]
             if not step_cut:
-                return Row(ids, masked, masked, {})
+                return ids, masked, masked
             if layout == "hidden_operand":
                 # The result alone, its last operand masked: one pass must infer the operand and compute
                 # with it (stage 8: the result right 0.15-0.31 of the time so, always with the operand written).
                 first = visible_end + 2
-                return Row(ids, masked, [first <= p < spans.reasoning.start + end for p in range(len(ids))], {})
+                return ids, masked, [first <= p < spans.reasoning.start + end for p in range(len(ids))]
             # The rest of the step and the token after it: the next step's separator or the end filler,
             # where left-to-right decoding decides whether the reasoning goes on.
             loss = [visible_end <= p <= spans.reasoning.start + end and masked[p] for p in range(len(ids))]
-            return Row(ids, masked, loss, {})
-
-    def _ruled_out(self, problem: synthetic.SyntheticProblem, answer_ids: list[int], spans) -> dict[int, int]:
-        """The answer slots where the question's own answer differs from the row's: after a visible
-        error the answer follows the error, so it is not the question's answer. A model that cannot
-        compute the answer a step or more ahead in one pass (stage 8: the one-step-ahead argmax right 4%
-        of the time) can still learn that much, since spotting the error is one read of a written step."""
-        gold = self.template.encode_answer(str(problem.answer))
-        return {spans.answer.start + j: g for j, (g, a) in enumerate(zip(gold, answer_ids)) if g != a}
+            return ids, masked, loss
 
     def _mask_results(self, ids: list[int], reasoning: list[int]) -> list[bool]:
         """Every step's result (the tokens after '=') and the answer masked, nothing else."""
@@ -226,7 +192,7 @@ class BatchMaker:
             masked[p] = True
         return masked
 
-    def drill_row(self, rng: random.Random) -> Row:
+    def drill_row(self, rng: random.Random) -> tuple[list[int], list[bool], list[bool]]:
         """Arithmetic drill: one step from each of several problems packed into one reasoning region
         under a short question, results masked: many facts in a row shorter than a problem's. One
         step per problem, so no visible step names another's result (stage 3 packed whole problems,
@@ -243,23 +209,19 @@ class BatchMaker:
         reasoning = tpl.encode_reasoning(steps)
         ids = tpl.canvas(question, reasoning, tpl.encode_answer(steps[-1].split(" = ")[1]))
         masked = self._mask_results(ids, reasoning)
-        return Row(ids, masked, masked, {})
+        return ids, masked, masked
 
     def batch(self, step: int, size: int, warmup_max_steps: int | None = None, drill: bool = False):
         rng = random.Random(f"train:{self.seed}:{step}")
         warmup = warmup_max_steps is not None
         rows = [self.drill_row(rng) if drill else self.row(rng, warmup_max_steps) for _ in range(size)]
-        ids, attention = self.template.collate([r.ids for r in rows])
+        ids, attention = self.template.collate([r[0] for r in rows])
         length = ids.shape[1]
         masked = torch.zeros_like(ids, dtype=torch.bool)
         loss = torch.zeros_like(masked)
-        avoid = torch.full_like(ids, -1)
-        for i, row in enumerate(rows):
-            pad = length - len(row.ids)
-            masked[i, pad:] = torch.tensor(row.masked)
-            loss[i, pad:] = torch.tensor(row.loss)
-            for p, token in row.avoid.items():
-                avoid[i, pad + p] = token
+        for i, (row, row_mask, row_loss) in enumerate(rows):
+            masked[i, length - len(row) :] = torch.tensor(row_mask)
+            loss[i, length - len(row) :] = torch.tensor(row_loss)
         # 1/t with t the realised mask ratio: every row contributes its mean masked-slot loss.
         weights = (response_slots(self.template) / loss.sum(1).clamp(min=1).float()).unsqueeze(1).expand(ids.shape).clone()
         weights = torch.where(loss, weights, 0.0)
@@ -279,7 +241,7 @@ class BatchMaker:
             content = masked & ~filler
             weights = torch.where(content, response_slots(self.template) * size / content.sum().clamp(min=1).float(), 0.0)
         inputs = ids.masked_fill(masked, self.template.mask_id)
-        return inputs, attention, ids, masked, weights, avoid
+        return inputs, attention, ids, masked, weights
 
 
 def init_fourier_numbers(model, tokenizer, periods: tuple[int, ...] = (10, 100, 1000)) -> None:
@@ -339,16 +301,6 @@ def one_pass_answer_accuracy(model, template: ReasoningTemplate, problems) -> fl
     return sum(template.parse_answer(pred[i].tolist()) == str(p.answer) for i, p in enumerate(problems)) / len(problems)
 
 
-def ruled_out_loss(logits: torch.Tensor, ruled_out: torch.Tensor, floor: float = RULED_OUT_FLOOR) -> torch.Tensor:
-    """Per row, how far log p(the token the row rules out) stands above `floor`; 0 where it rules out
-    none (-1). In log space, unlike unlikelihood's -log(1 - p): the stage-8 model gives the question's
-    answer p ~ 0.02 a step or more ahead, where -log(1 - p) ~ p has almost no gradient (300 steps of it
-    moved nothing), while the step scorer reads log p."""
-    chosen = ruled_out >= 0
-    logp = logits.log_softmax(-1).gather(1, ruled_out.clamp(min=0)[:, None]).squeeze(1)
-    return torch.where(chosen, (logp - floor).clamp(min=0), 0.0)
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -368,14 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         "--mix",
         type=float,
         nargs=len(LAYOUTS),
-        default=(0.15, 0.1, 0.1, 0.05, 0.15, 0.25, 0.2, 0, 0, 0),
+        default=(0.15, 0.1, 0.1, 0.05, 0.15, 0.25, 0.2, 0, 0),
         metavar=tuple(name.upper() for name in LAYOUTS),
-    )
-    ap.add_argument(
-        "--rule-out",
-        type=float,
-        default=1.0,
-        help="weight of the question's answer's log p above the floor, in answer_from_prefix rows with a visible error",
     )
     ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")
     ap.add_argument("--warmup-copy-steps", type=int, default=900, help="steps of the copy warm-up (reasoning tokens only)")
@@ -436,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(start, args.steps):
         warmup_max_steps = min(6, 1 + step // args.copy_grow_every) if step < args.warmup_copy_steps else None
         drill = warmup_max_steps is None and args.drill_every > 0 and step % args.drill_every == 0
-        inputs, attention, targets, masked, weights, avoid = maker.batch(step, args.batch_size, warmup_max_steps, drill)
+        inputs, attention, targets, masked, weights = maker.batch(step, args.batch_size, warmup_max_steps, drill)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             if args.warmup_copy_steps <= step < args.warmup_copy_steps + args.rewarm:
@@ -446,9 +392,6 @@ def main(argv: list[str] | None = None) -> None:
         logits = logits[masked].float()
         ce = F.cross_entropy(logits, targets[masked], reduction="none")
         loss = (ce * weights[masked]).sum() / (inputs.shape[0] * n_response)
-        if args.rule_out:
-            above_floor = ruled_out_loss(logits, avoid[masked])
-            loss = loss + args.rule_out * (above_floor * weights[masked]).sum() / (inputs.shape[0] * n_response)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
