@@ -366,7 +366,10 @@ def cli_bench(argv: list[str]) -> None:
         spec = spec_from_args(args)
         if spec.source.kind == "synthetic":
             spec = spec.model_copy(update={"source": spec.source.model_copy(update={"n": args.problems})})
-        report = bench_pipeline(spec, args.address)
+        try:
+            report = bench_pipeline(spec, args.address)
+        except (BuildError, SourceError) as err:
+            sys.exit(f"factory bench pipeline: {err}")
     emit(report, args.json)
     write_section("pipeline", pipeline_markdown(report))
 
@@ -396,9 +399,15 @@ def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
     once every actor is up, over the same shards run in this process with the model already loaded:
     the same work (the actor's `process_shard`), and the sampler alone (its share of that run)."""
     problems, _ = load_problems(spec.source, driver_template(spec), spec.limit)
+    shards = plan_shards(problems, spec.output.shard_size)
+    if len(shards) <= spec.resources.num_actors:  # the steady state is the shards after each actor's first
+        raise BuildError(
+            f"bench pipeline needs more shards than actors: {len(problems)} problems make {len(shards)} shards of"
+            f" {spec.output.shard_size} for {spec.resources.num_actors} actors; give more --problems"
+        )
     maker = TraceMaker(spec)
     t0 = time.perf_counter()
-    traces = sum(process_shard(maker, i, shard).sampled for i, shard in enumerate(plan_shards(problems, spec.output.shard_size)))
+    traces = sum(process_shard(maker, i, shard).sampled for i, shard in enumerate(shards))
     in_process_s, sampler_s = time.perf_counter() - t0, maker.timings["sample_s"]
     shard_done: list[tuple[float, int]] = []  # (seconds since start, traces so far) as each shard is written
 
@@ -415,7 +424,7 @@ def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
             import ray
 
             ray.shutdown()
-    (ready_s, ready_traces), (last_s, _) = shard_done[min(spec.resources.num_actors, len(shard_done)) - 1], shard_done[-1]
+    (ready_s, ready_traces), (last_s, _) = shard_done[spec.resources.num_actors - 1], shard_done[-1]
 
     def run(seconds: float, count: int = traces) -> dict:
         return {"seconds": round(seconds, 3), "traces": count, "traces_per_s": round(count / seconds, 3)}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
+import random
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_type_hints
@@ -19,10 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from factory.models.adapter import KINDS
-from factory.sampling.rules import RULES
+from factory.sampling.rules import RULES, check_rule, make_rule
 from factory.sampling.sampler import SamplerConfig
 from factory.scoring import ESTIMATORS, LABEL_SOURCES
-from factory.sources.synthetic import SYMBOLS, SyntheticConfig
+from factory.sources.synthetic import SYMBOLS, SyntheticConfig, make_problem
 from factory.template import TemplateConfig
 
 SECTION = ConfigDict(extra="forbid")
@@ -66,7 +66,9 @@ class SyntheticSource(section_from_dataclass(SyntheticConfig, "SyntheticKnobs", 
 
     @model_validator(mode="after")
     def _knobs_fit(self):
-        self.to_config()  # SyntheticConfig checks the ranges
+        config = self.to_config()  # SyntheticConfig checks the ranges
+        for steps in {config.min_steps, config.max_steps}:  # knobs too tight for any problem fail here, not mid-build
+            make_problem(random.Random(0), steps, config)
         return self
 
 
@@ -128,14 +130,8 @@ class SamplerSpec(section_from_dataclass(SamplerConfig, "SamplerFields", rule=Ru
         return SamplerConfig(**self.model_dump(exclude={"k"}))
 
     @model_validator(mode="after")
-    def _rule_params_fit_the_rule(self):
-        signature = inspect.signature(RULES[self.rule])
-        parameters = list(signature.parameters)[1:]  # the first is the step view
-        try:
-            signature.bind(None, **self.rule_params)
-        except TypeError as err:
-            raise ValueError(f"rule_params {self.rule_params} do not fit rule {self.rule!r} (parameters: {parameters}): {err}") from None
-        self.to_config()  # SamplerConfig checks temperature and exit_fill
+    def _sampler_config_is_valid(self):
+        self.to_config()  # SamplerConfig checks the rule's parameter names, temperature, top-k/p, batch size, early exit
         return self
 
 
@@ -150,7 +146,9 @@ class ScoringSpec(BaseModel):
     )
     # Calibrated on the embedded model's own posterior traces (`factory bench scoring` reports the
     # labels' accuracy and the best threshold); another model needs its own.
-    label_threshold: float = Field(-0.7, description="a step passes when its label_source score is at least this (nats)")
+    label_threshold: float = Field(
+        -0.7, allow_inf_nan=False, description="a step passes when its label_source score is at least this (nats)"
+    )
 
     @model_validator(mode="after")
     def _label_source_is_scored(self):
@@ -214,6 +212,20 @@ class BuildSpec(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("source"), dict) and "kind" not in data["source"]:
             return {**data, "source": {"kind": "synthetic", **data["source"]}}
         return data
+
+    @model_validator(mode="after")
+    def _sampler_fits_the_build(self):
+        if self.sampler.early_exit_gamma is not None:
+            raise ValueError(
+                "sampler.early_exit_gamma: a build samples posterior traces, the gold answer clamped into the answer"
+                " slots, and early exit watches masked answer slots, so it would never fire; leave it unset"
+            )
+        region = self.template.reasoning_slots + self.template.answer_slots
+        try:
+            check_rule(make_rule(self.sampler.rule, **self.sampler.rule_params), region)
+        except ValueError as err:
+            raise ValueError(f"sampler rule {self.sampler.rule!r} with rule_params {self.sampler.rule_params} {err}") from None
+        return self
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of what determines the data. Where it is written (output) and

@@ -21,7 +21,16 @@ import factory
 from factory import output, provenance
 from factory.checks import false_equation, filter_traces, final_number, step_labels
 from factory.output import BuildDir, BuildError, prm_rows, size_category
-from factory.pipeline import TraceMaker, build, cli_build, plan_shards, problem_seed, process_shard, require_cuda_if_gpus_held
+from factory.pipeline import (
+    TraceMaker,
+    bench_pipeline,
+    build,
+    cli_build,
+    plan_shards,
+    problem_seed,
+    process_shard,
+    require_cuda_if_gpus_held,
+)
 from factory.sampling.sampler import SampleResult
 from factory.scoring import Trace
 from factory.sources import synthetic
@@ -68,11 +77,33 @@ def test_spec_errors_name_the_key_and_the_allowed_values():
     assert "expected tags: 'synthetic', 'hf', 'local'" in spec_error({"source": {"kind": "s3"}})
     assert "source.pathh: unknown key" in spec_error({"source": {"kind": "local", "path": "x.jsonl", "pathh": 1}})
     assert "'marginal' or 'chain'" in spec_error({"scoring": {"estimator": "rollout"}})
-    assert "parameters: ['lam', 'max_per_step']" in spec_error({"sampler": {"rule": "med_prefix", "rule_params": {"gamma": 1}}})
+    assert "it takes ['lam', 'max_per_step']" in spec_error({"sampler": {"rule": "med_prefix", "rule_params": {"gamma": 1}}})
     assert "pinned revision" in spec_error({"model": {"id": "GSAI-ML/LLaDA-8B-Base", "trust_remote_code": True}})
     assert "min_steps <= max_steps" in spec_error({"source": {"min_steps": 4, "max_steps": 2}})
     assert "label_source 'self_consistency' needs self_consistency: true" in spec_error({"scoring": {"self_consistency": False}})
     assert "'self_consistency' or 'answer_delta'" in spec_error({"scoring": {"label_source": "rollout"}})
+
+
+def test_spec_values_that_would_fail_inside_the_actors_are_refused_up_front():
+    """Each of these once passed validation and failed (or wrote nonsense) only after Ray had started."""
+    llada = spec_error({"sampler": {"rule": "llada", "rule_params": {"block_length": 8}}})
+    assert "does not run on the 44-slot region" in llada and "multiple of the number of blocks" in llada
+    assert "does not run on the 44-slot region" in spec_error({"sampler": {"rule_params": {"lam": "abc"}}})
+    assert "batch_size must be >= 1" in spec_error({"sampler": {"batch_size": 0}})
+    assert "top_p must be in (0, 1]" in spec_error({"sampler": {"top_p": -1.0}})
+    assert "top_k must be >= 1" in spec_error({"sampler": {"top_k": 0}})
+    assert "temperature must be >= 0" in spec_error({"sampler": {"temperature": float("nan")}})
+    assert "scoring.label_threshold: Input should be a finite number" in spec_error({"scoring": {"label_threshold": float("nan")}})
+    assert "would never fire" in spec_error({"sampler": {"early_exit_gamma": 0.1}})
+    # six additions of at least 1 from a start of at least 5 cannot stay within 10: the generator once looped forever
+    assert "no 6-step problem fits max_value=10" in spec_error(
+        {"source": {"min_steps": 6, "max_steps": 6, "max_value": 10, "operations": ["+"]}}
+    )
+    # the same settings on a region they fit are accepted
+    fits = validate_spec(
+        {"sampler": {"rule": "llada", "rule_params": {"block_length": 11, "steps": 44}}, "template": {"reasoning_slots": 40}}
+    )
+    assert fits.sampler.rule_params == {"block_length": 11, "steps": 44}
 
 
 def test_spec_file_errors_name_the_file(tmp_path):
@@ -178,6 +209,15 @@ def test_local_parquet_with_a_column_mapping(tmp_path, template):
     problems, rejected = load_problems(validate_spec(spec).source, template)
     assert [(p.gold_answer, p.gold_steps, p.source) for p in problems] == [("8", ["5 + 3 = 8"], "local:rows.parquet")]
     assert [r.reason for r in rejected] == ["missing_answer"]
+
+
+def test_a_malformed_steps_value_rejects_its_row_not_the_source(tmp_path, template):
+    rows = [{"question": GOOD, "answer": 8, "s": 3}, {"question": GOOD.replace("5", "7"), "answer": 10, "s": "7 + 3 = 10"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"source": {"kind": "local", "path": str(tmp_path / "rows.jsonl"), "columns": {"steps": "s"}}}
+    problems, rejected = load_problems(validate_spec(spec).source, template)
+    assert [(p.gold_answer, p.gold_steps) for p in problems] == [("10", ["7 + 3 = 10"])]
+    assert [(r.row, r.reason, r.detail) for r in rejected] == [(0, "invalid_steps", "steps must be text or a list, got int")]
 
 
 def test_hf_source_reads_gsm8k_format(tmp_path, template):
@@ -389,6 +429,13 @@ def test_answers_have_one_spelling_and_json_arrays_load(tmp_path, template):
     problems, rejected = load_problems(validate_spec({"source": {"kind": "local", "path": str(tmp_path / "rows.json")}}).source, template)
     assert [p.gold_answer for p in problems] == ["40", "7", "12", "0"] and rejected == []
     assert [canonical_answer(a) for a in ("1,234", 2.5, "4.0", "-3", "x")] == ["1234", "2.5", "4", "-3", "x"]
+
+
+def test_bench_pipeline_refuses_too_few_shards_before_any_work():
+    """With no shard after each actor's first there is no steady state to time (it divided 0 by 0 after both runs)."""
+    spec = validate_spec({"source": {"n": 16}, "output": {"shard_size": 8}, "resources": {"num_actors": 2}})
+    with pytest.raises(BuildError, match="2 shards of 8 for 2 actors"):
+        bench_pipeline(spec)
 
 
 def test_an_actor_holding_gpus_without_cuda_fails_unless_the_spec_allows_cpu(monkeypatch):

@@ -5,11 +5,11 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import datasets
 import pytest
-import tomllib
 import yaml
 
 from factory.sources import synthetic

@@ -141,6 +141,17 @@ RULES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def check_rule(rule: Rule, region: int) -> None:
+    """Run a rule once on a one-row view of `region` slots, so settings that cannot work there (LLaDA
+    blocks that do not divide the steps, a parameter of the wrong type) fail before a model loads."""
+    half = torch.full((1, region), 0.5)
+    view = StepView(half, half, torch.ones(1, region, dtype=torch.bool), torch.zeros(1, dtype=torch.long), half)
+    try:
+        rule(view)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"does not run on the {region}-slot region: {err}") from None
+
+
 def make_rule(name: str, **params) -> Rule:
     if name not in RULES:
         raise ValueError(f"unknown unmasking rule {name!r}; choose from {sorted(RULES)}")

@@ -34,11 +34,19 @@ class SamplerConfig:
     continuous: bool = True
 
     def __post_init__(self):
-        make_rule(self.rule, **self.rule_params)  # fail fast on an unknown rule name
+        make_rule(self.rule, **self.rule_params)  # fail fast on an unknown rule name or parameter
         if self.exit_fill not in ("all", "answer"):
             raise ValueError(f"exit_fill must be 'all' or 'answer', got {self.exit_fill!r}")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or unset), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (or unset), got {self.top_p}")
+        if self.early_exit_gamma is not None and not self.early_exit_gamma >= 0:
+            raise ValueError(f"early_exit_gamma must be >= 0 (or unset), got {self.early_exit_gamma}")
 
 
 @dataclass(frozen=True)

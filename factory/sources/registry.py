@@ -106,8 +106,11 @@ def canonical_answer(value: Any) -> str:
 
 
 def column_steps(value: Any) -> list[str]:
+    """Reference steps from a text (one per line) or a list column."""
     if value is None:
         return []
+    if not isinstance(value, (str, list, tuple)):
+        raise RowError("invalid_steps", f"steps must be text or a list, got {type(value).__name__}")
     lines = value.splitlines() if isinstance(value, str) else [str(v) for v in value]
     return [line.strip() for line in lines if line.strip()]
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from schemas.records import Problem
 
 SOURCE_NAME = "synthetic"
-STEP_SEPARATOR = "\n"
 
 NAMES = ("Tom", "Ann", "Sam", "Lily", "Ben", "Mia", "Max", "Zoe", "Leo", "Eva", "Jack", "Nora")
 HE_SHE = {"Tom": "He", "Sam": "He", "Ben": "He", "Max": "He", "Leo": "He", "Jack": "He"}
@@ -195,14 +194,21 @@ class _Builder:
         return SyntheticProblem(question=question, ops=ops, results=evaluate(ops))
 
 
+MAX_RESTARTS = 1000  # a few draws suffice for any config that can work; the rest can never succeed
+
+
 def make_problem(rng: random.Random, num_steps: int, config: SyntheticConfig) -> SyntheticProblem:
-    while True:  # rejection sampling: a few draws at most, since "add" always fits early on
+    for _ in range(MAX_RESTARTS):  # rejection sampling
         builder = _Builder(rng, config)
         for _ in range(50 * num_steps):
             remaining = num_steps - len(builder.ops)
             if remaining == 0:
                 return builder.finish()
             builder.event(remaining)
+    raise ValueError(
+        f"no {num_steps}-step problem fits max_value={config.max_value} with operations {list(config.operations)}"
+        f" in {MAX_RESTARTS} draws; raise max_value, allow more operations or ask for fewer steps"
+    )
 
 
 def generate(n: int, seed: int, config: SyntheticConfig | None = None) -> list[SyntheticProblem]:
