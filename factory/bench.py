@@ -420,7 +420,7 @@ def lookahead_report(adapter, template, problems, batch_size: int = 128) -> dict
     tally = {left: Counter() for left in STEPS_LEFT}
     for (prefix, prefix_answer), (one_hidden, _), probe in zip(guesses[0::2], guesses[1::2], probes[0::2]):
         _, reasoning, answer, (start, equals, end), left = probe
-        scored = scorer.scored_answer_length(answer)
+        scored = scorer.template.written_length(answer)
         tally[left].update(
             prefixes=1,
             operands_and_operator=prefix[start:equals] == reasoning[start:equals],

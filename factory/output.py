@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from factory.models.adapter import model_revision
 from factory.provenance import code_version
 from factory.scoring import LABEL_SOURCES
 from schemas.arrow import arrow_schema, from_table, to_table
@@ -122,6 +123,8 @@ class BuildDir:
             "spec_hash": spec.spec_hash(),
             "shard_size": spec.output.shard_size,
             "code_version": code_version(),
+            # the spec names a model (a path, 'embedded'); new weights behind the same name must not resume
+            "model_revision": model_revision(spec.model.id, spec.model.revision),
             "problems": hashlib.sha256("\n".join(problem_ids).encode()).hexdigest()[:12],
         }
         if self.state.exists():

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from factory.models.adapter import ModelAdapter
 from factory.template import ReasoningTemplate
 
@@ -69,10 +71,6 @@ class StepScorer:
 
     # ---- canvases ------------------------------------------------------------------------
 
-    def scored_answer_length(self, answer_ids: list[int]) -> int:
-        """Answer tokens that carry the answer: the number and the closing brace, not the filler."""
-        return next((i for i, t in enumerate(answer_ids) if t == self.template.filler_id), len(answer_ids))
-
     def visible_end(self, reasoning_ids: list[int], k: int) -> int:
         spans = self.template.step_spans(reasoning_ids)
         if not spans:
@@ -84,7 +82,7 @@ class StepScorer:
         (answer slot, gold token) pairs whose log-probabilities it contributes."""
         tpl, mask = self.template, self.adapter.mask_id
         n_steps = len(tpl.step_spans(trace.reasoning_ids))
-        m = self.scored_answer_length(trace.answer_ids)
+        m = self.template.written_length(trace.answer_ids)
         rows = []
         for k in range(n_steps + 1):
             end = self.visible_end(trace.reasoning_ids, k)
@@ -99,7 +97,7 @@ class StepScorer:
 
     def answer_row(self, question_ids: list[int], reasoning_ids: list[int], answer_ids: list[int]) -> tuple[list[int], list[tuple]]:
         """One canvas with the answer masked, and the (answer slot, gold token) pairs read from it in one pass."""
-        scored = range(self.scored_answer_length(answer_ids))
+        scored = range(self.template.written_length(answer_ids))
         return self.template.canvas(question_ids, reasoning_ids, None), [(j, answer_ids[j]) for j in scored]
 
     def consistency_rows(self, trace: Trace) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -133,13 +131,17 @@ class StepScorer:
             chunk = rows[start : start + self.batch_size]
             ids, attention = tpl.collate([r[0] for r in chunk])
             spans = tpl.spans(ids.shape[1])
-            logp = self.adapter.logits(ids, attention).log_softmax(-1).cpu()
-            for b, (_, pairs) in enumerate(chunk):
-                values = []
-                for slot, token in pairs:
-                    pos = spans.answer.start + slot if slot >= 0 else spans.reasoning.start + (-1 - slot)
-                    values.append(float(logp[b, pos, token]))
-                out.append(values)
+            read = [
+                (b, spans.answer.start + slot if slot >= 0 else spans.reasoning.start + (-1 - slot), token)
+                for b, (_, pairs) in enumerate(chunk)
+                for slot, token in pairs
+            ]
+            batch_rows, positions, tokens = (torch.tensor(c) for c in zip(*read)) if read else (torch.empty(0, dtype=torch.long),) * 3
+            logits = self.adapter.logits(ids, attention)
+            # Normalise only the slots read: a full [B, L, V] log-softmax is ~26 GB at LLaDA's vocabulary.
+            picked = logits[batch_rows.to(logits.device), positions.to(logits.device)].float().log_softmax(-1)
+            values = iter(picked.gather(1, tokens.to(logits.device)[:, None]).squeeze(1).tolist())
+            out.extend([next(values) for _ in pairs] for _, pairs in chunk)
         return out
 
     def score(self, traces: list[Trace], self_consistency: bool = True) -> list[TraceScores]:
@@ -156,7 +158,7 @@ class StepScorer:
             if self.estimator == "marginal":
                 logp = [sum(v) for v in pv]
             else:
-                m = max(1, self.scored_answer_length(t.answer_ids))
+                m = max(1, self.template.written_length(t.answer_ids))
                 logp = [sum(sum(v) for v in pv[k : k + m]) for k in range(0, len(pv), m)]
             steps = [b - a for a, b in zip(logp, logp[1:])]
             means = [sum(v) / max(1, len(v)) for v in cv]

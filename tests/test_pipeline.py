@@ -20,6 +20,7 @@ from huggingface_hub import DatasetCard
 import factory
 from factory import output, provenance
 from factory.checks import false_equation, filter_traces, final_number, step_labels
+from factory.models.embedded import EMBEDDED_MODEL_DIR
 from factory.output import BuildDir, BuildError, prm_rows, size_category
 from factory.pipeline import (
     TraceMaker,
@@ -402,6 +403,18 @@ def test_an_output_dir_is_resumed_only_by_its_own_spec_code_and_problems(tmp_pat
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(BuildError, match="holds no factory build"):
         BuildDir(tmp_path / "other").claim(spec, ids)
+
+
+def test_new_weights_behind_the_same_model_path_do_not_resume(tmp_path):
+    model_dir = shutil.copytree(EMBEDDED_MODEL_DIR, tmp_path / "model")
+    spec = validate_spec(small_spec(tmp_path / "out", model={"id": str(model_dir)}))
+    BuildDir(tmp_path / "out").claim(spec, ["a"])
+    BuildDir(tmp_path / "out").claim(spec, ["a"])  # the same weights resume
+    with (model_dir / "model.safetensors").open("ab") as weights:  # a checkpoint retrained in place
+        weights.write(b"\0")
+    provenance.weights_digest.cache_clear()  # a new process would read the file again
+    with pytest.raises(BuildError, match="model_revision"):
+        BuildDir(tmp_path / "out").claim(spec, ["a"])
 
 
 def test_a_source_that_cannot_be_used_stops_the_build_before_it_claims_the_directory(tmp_path):

@@ -26,7 +26,7 @@ def test_prefix_canvases_show_exactly_k_steps_and_hide_the_answer(tiny_adapter, 
         visible = [t for t in reasoning if t != template.mask_id]
         assert template.split_steps(visible + [template.filler_id]) == template.split_steps(trace.reasoning_ids)[:k]
         assert all(t == template.mask_id for t in row[spans.answer])
-        assert [tok for _, tok in pairs] == trace.answer_ids[: scorer.scored_answer_length(trace.answer_ids)]
+        assert [tok for _, tok in pairs] == trace.answer_ids[: scorer.template.written_length(trace.answer_ids)]
 
 
 def test_marginal_score_is_the_log_probability_read_directly(tiny_adapter, template, traces):
@@ -46,7 +46,7 @@ def test_chain_rule_reveals_answer_tokens_one_at_a_time(tiny_adapter, template, 
     chain = StepScorer(tiny_adapter, template, estimator="chain")
     marginal = StepScorer(tiny_adapter, template)
     trace = traces[2]
-    m = chain.scored_answer_length(trace.answer_ids)
+    m = chain.template.written_length(trace.answer_ids)
     assert m >= 2  # the number and the closing brace
     rows = chain.prefix_rows(trace)
     assert len(rows) == (len(template.step_spans(trace.reasoning_ids)) + 1) * m

@@ -80,8 +80,7 @@ class ModelAdapter:
         model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
         tokenizer = load_tokenizer(model_id, kind, revision, trust_remote_code)
         mask_id = tokenizer.mask_token_id
-        # A local checkpoint (the embedded one included) has no Hub revision: record its weights' digest.
-        recorded = revision or (weights_digest(Path(path)) if Path(path).is_dir() else None)
+        recorded = model_revision(model_id, revision)
         return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, recorded)
 
 
@@ -101,6 +100,13 @@ def resolve_model(model_id: str | Path | None) -> tuple[str | Path, str]:
     if model_id in (None, "embedded", EMBEDDED_MODEL_ID):
         return EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
     return model_id, str(model_id)
+
+
+def model_revision(model_id: str | Path | None, revision: str | None = None) -> str | None:
+    """What provenance records as the model's revision: the pinned one, else for a local checkpoint
+    (the embedded one included), which has none, its weights' digest; None for an unpinned Hub id."""
+    path, _ = resolve_model(model_id)
+    return revision or (weights_digest(Path(path)) if Path(path).is_dir() else None)
 
 
 def load_tokenizer(
