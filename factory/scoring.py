@@ -58,10 +58,6 @@ class TraceScores:
     def min_step_score(self) -> float:
         return min(self.step_scores, default=0.0)
 
-    def first_suspect_step(self, threshold: float = -1.0) -> int | None:
-        """The first step whose answer-conditioned score drops below `threshold` nats."""
-        return next((i for i, s in enumerate(self.step_scores) if s < threshold), None)
-
 
 class StepScorer:
     def __init__(self, adapter: ModelAdapter, template: ReasoningTemplate, estimator: str = "marginal", batch_size: int = 128):
