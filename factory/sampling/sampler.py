@@ -69,9 +69,15 @@ class SampleResult:
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[torch.Generator], top_k=None, top_p=None) -> torch.Tensor:
     """Sample token ids from [B, R, V] logits; greedy at temperature 0. Gumbel noise in float64
-    (low-precision noise biases which token wins), drawn from each row's own generator."""
+    (low-precision noise biases which token wins), drawn from each row's own generator, one row at a
+    time: float64 noise over a whole batch is tens of GB at LLaDA's 126k-token vocabulary."""
     if temperature == 0:
         return logits.argmax(-1)
+    return torch.stack([sample_row(row, temperature, g, top_k, top_p) for row, g in zip(logits, generators, strict=True)])
+
+
+def sample_row(logits: torch.Tensor, temperature: float, generator: torch.Generator, top_k=None, top_p=None) -> torch.Tensor:
+    """One row's [R, V] logits -> [R] token ids, its noise from its own (CPU) generator."""
     scaled = logits.double() / temperature
     if top_k:
         kth = scaled.topk(top_k, dim=-1).values[..., -1:]
@@ -81,7 +87,7 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[tor
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
         scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
-    noise = torch.stack([torch.rand(scaled.shape[1:], generator=g, dtype=torch.float64) for g in generators]).to(scaled.device)
+    noise = torch.rand(scaled.shape, generator=generator, dtype=torch.float64).to(scaled.device)
     gumbel = -torch.log(-torch.log(noise.clamp_min(1e-300)))
     return (scaled + gumbel).argmax(-1)
 
@@ -157,17 +163,21 @@ class CanvasSampler:
             rows = active.nonzero().squeeze(1)
             t0 = time.perf_counter()
             batch = ids[rows]
-            logits = self.adapter.logits(batch, attention[rows])[:, region.to(device)].cpu()
+            # The [B, R, V] work stays on the model's device; only [B, R] summaries come back.
+            logits = self.adapter.logits(batch, attention[rows])[:, region.to(device)]
             logits[..., mask_id] = float("-inf")  # committing a mask would never finish the row
+            if logits.is_cuda:
+                torch.cuda.synchronize()  # so forward_s times the forward, not its launch
             self.stats["forward_s"] += time.perf_counter() - t0
             self.stats["forward_passes"] += 1
             current = batch[:, region]
             candidates = current == mask_id
             probs = logits.softmax(-1)
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
             row_gens = [generators[int(r)] for r in rows]
             proposal = gumbel_argmax(logits, cfg.temperature, row_gens, cfg.top_k, cfg.top_p)
-            confidence = probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+            confidence = probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1).cpu()
+            entropy = (-(probs * probs.clamp_min(1e-12).log()).sum(-1)).cpu()
+            proposal = proposal.cpu()
             noise = torch.stack([torch.rand(region.numel(), generator=g) for g in row_gens])
             view = StepView(confidence, entropy, candidates, steps_taken[rows], noise)
             commit = self.rule(view)
