@@ -250,6 +250,7 @@ def samplers_markdown(report: dict, plot_name: str) -> str:
 SCORING_KINDS = synthetic.CORRUPTION_KINDS
 OWN_KINDS = ("arithmetic_slip", "wrong_operand", "wrong_operation", "unreadable_step", "extra_steps")  # at a trace's first departure
 STEPS_LEFT = ("1", "2", "3+")  # reasoning steps a partial prefix leaves masked
+FIRST_ERROR_COLUMNS = ("first_error_accuracy", "lowest_after_first_error")  # where a wrong trace's lowest step falls
 LABEL_THRESHOLD_GRID = (-0.1, -0.2, -0.3, -0.5, -0.7, -1.0, -1.5, -2.0, -3.0, -5.0)  # nats, for PRM label calibration
 
 
@@ -290,7 +291,7 @@ def summarise(
     pos_all, neg_all, pos_part, neg_part = [], [], [], []
     neg_by_kind: dict[str, list[float]] = {k: [] for k in kinds}
     by_left: dict[str, tuple[list[float], list[float]]] = {left: ([], []) for left in STEPS_LEFT}
-    first_hits, first_total = 0, 0
+    first_hits, lowest_later, first_total = 0, 0, 0
     for case, vals, steps in zip(cases, values, step_values):
         n = len(case["steps"])
         for k, v in enumerate(vals, start=1):
@@ -303,7 +304,9 @@ def summarise(
                     neg_by_kind[case["kind"]].append(v)
         if case["first_error"] is not None and steps:
             first_total += 1
-            first_hits += int(min(range(len(steps)), key=steps.__getitem__) == case["first_error"])
+            lowest = min(range(len(steps)), key=steps.__getitem__)
+            first_hits += lowest == case["first_error"]
+            lowest_later += lowest > case["first_error"]
     return {
         "auroc_partial": auroc(pos_part, neg_part),
         "auroc_all": auroc(pos_all, neg_all),
@@ -311,6 +314,8 @@ def summarise(
         # how far ahead the prefix leaves the answer: a one-pass read must compute every step still masked
         "auroc_partial_by_steps_left": {left: auroc(pos, neg) for left, (pos, neg) in by_left.items()},
         "first_error_accuracy": first_hits / first_total if first_total else None,
+        # where the lowest-scored step of a wrong trace falls after its first error instead
+        "lowest_after_first_error": lowest_later / first_total if first_total else None,
         "nfe_per_step": round(passes, 3),
     }
 
@@ -566,10 +571,10 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: 
 
 def scoring_table(methods: dict, kinds) -> str:
     rows = [
-        {"method": k, **{c: v[c] for c in ("auroc_partial", "auroc_all", "first_error_accuracy", "nfe_per_step")}, **v["auroc_by_kind"]}
+        {"method": k, **{c: v[c] for c in ("auroc_partial", "auroc_all", *FIRST_ERROR_COLUMNS, "nfe_per_step")}, **v["auroc_by_kind"]}
         for k, v in methods.items()
     ]
-    return markdown_table(rows, ["method", "auroc_partial", "auroc_all", *kinds, "first_error_accuracy", "nfe_per_step"])
+    return markdown_table(rows, ["method", "auroc_partial", "auroc_all", *kinds, *FIRST_ERROR_COLUMNS, "nfe_per_step"])
 
 
 def steps_left_table(methods: dict) -> str:

@@ -87,6 +87,10 @@ def test_partial_prefixes_are_also_reported_by_the_steps_they_leave_masked():
     report = bench.summarise(cases, values, [None, None], passes=1.0)
     assert report["auroc_partial"] == 0.5
     assert report["auroc_partial_by_steps_left"] == {"1": 0.0, "2": 1.0, "3+": None}
+    # a wrong trace's lowest step: at its first error, or after it
+    wrong = [{"steps": ["a", "b", "c"], "first_error": e, "kind": "slip_kept"} for e in (0, 0, 1)]
+    report = bench.summarise(wrong, [[0.0] * 3] * 3, [[-5.0, 0.0, 0.0], [0.0, 0.0, -5.0], [0.0, -1.0, -5.0]], passes=1.0)
+    assert report["first_error_accuracy"] == pytest.approx(1 / 3) and report["lowest_after_first_error"] == pytest.approx(2 / 3)
 
 
 class CanvasOracle(ModelAdapter):
