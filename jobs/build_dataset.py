@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from factory.pipeline import cli_build  # noqa: E402
-from schemas.spec import SpecError, load_spec  # noqa: E402
+from factory.build.command import cli_build  # noqa: E402
+from factory.build.spec import SpecError, load_spec  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

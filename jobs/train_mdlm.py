@@ -1,39 +1,17 @@
 """Train the embedded masked diffusion LM on synthetic problems laid out on the reasoning canvas.
 
-Objective (as in LLaDA): per row t ~ U(eps, 1), each response slot (reasoning and answer) is masked
-with probability t, and the cross-entropy on masked slots is weighted by 1/t, with t the row's
-realised mask ratio (masked slots / response slots). With the drawn t instead, a row with t near eps
-weighs up to 1000x the others and, after gradient clipping, a batch learns from a handful of tokens:
-a 5M model plateaued at 77% masked accuracy that way, unable even to copy a number. Two more layouts
-teach the model what the step scorer asks of it:
-  prefix     the question and the first k gold steps visible, every later slot masked;
-  corrupted  the same, but one visible step is wrong and the masked remainder (later steps and the
-             answer) is recomputed from the error, so the answer learns to follow the reasoning.
-             The wrong step is visible, never a loss target, so the model does not learn to slip.
-  results    every step's result and the answer masked, everything else visible: the arithmetic
-             facts themselves, the state the self-consistency scorer reads. Under uniform masking a
-             result is mostly masked together with its operands, so the model copies well long
-             before it computes (0.03 answer accuracy after 2,000 steps with operands copied right).
-             A later step names an earlier result as its operand, so only the last one must be
-             computed here; the others can be copied from further on.
-  next_result the state of left-to-right decoding at a result: the question, the first k steps and
-             step k+1 up to its '=' visible, everything after masked; the loss is on that result
-             and the token after it (the next step's separator, or the filler where it ends). The
-             result cannot be copied from anywhere: 41 of 43 wrong answers of the stage-3 model
-             (48 problems decoded left to right) were arithmetic slips, its results-layout
-             accuracy 0.84 flattered by the copies; the stage-4 model, trained on the result
-             alone, stopped 39 of 96 traces early, after a correct intermediate result.
-  next_token the same state at any token of a step up to its result (an operand, the operator):
-             the loss is on the rest of that step and the token after it. 14 of the stage-5
-             model's 39 wrong answers (96 problems) copied an earlier result wrongly, mostly one
-             from two steps back (66 for 67, 31 for 41), a choice no other layout trains in the
-             state decoding makes it in.
-Two aids for the arithmetic: `--drill-every N` makes every Nth batch a drill (one step from each of
-several problems packed under a short question, results masked), and `--fourier-numbers` writes
-each number's value into its embedding (see `init_fourier_numbers`).
+Each batch row is a generated problem on the canvas, masked by a training layout drawn from
+`--mix name=weight ...` (the layouts are registered in `factory/train/layouts.py`, one small
+function each, shared with `factory finetune`; `--list-layouts` prints them). Two aids for the
+arithmetic: `--drill-every N` makes every Nth batch a drill (one step from each of several
+problems packed under a short question, results masked), and `--fourier-numbers` writes each
+number's value into its embedding (see `init_fourier_numbers`). The first `--warmup-copy-steps`
+batches are a copy warm-up (uniform masking of the reasoning alone, on problems that grow from one
+step): a fresh model learns to copy operands only while no other target competes.
 
 Resumable: `--out DIR` holds checkpoint.pt (model, optimiser, step) and an exported HF model in
-DIR/hf after every checkpoint. Example:
+DIR/hf after every checkpoint. The model card (factory/models/embedded/README.md) records the mixes
+and what each stage measured. Example:
     python jobs/train_mdlm.py --out runs/mdlm --steps 2000
 """
 
@@ -48,51 +26,30 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertForMaskedLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from factory.core.template import ReasoningTemplate, TemplateError  # noqa: E402
 from factory.models.embedded import embedded_config  # noqa: E402
 from factory.models.tokenizer import build_tokenizer  # noqa: E402
-from factory.sources import synthetic  # noqa: E402
-from factory.template import ReasoningTemplate, TemplateError  # noqa: E402
+from factory.synthetic import problems as synthetic  # noqa: E402
+from factory.train.batches import Example, Row, collate, make_row, masked_loss, response_slots  # noqa: E402
+from factory.train.layouts import LAYOUTS, Canvas, Masking, mix_weights, parse_mix  # noqa: E402
+from factory.train.optim import bf16_is_fast, lr_at  # noqa: E402
 
-EPS = 1e-3
-TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
-LAYOUTS = ("uniform", "prefix", "corrupted", "results", "next_result", "next_token", "far_operand", "answer_ahead", "hidden_operand")
-STEP_CUT_LAYOUTS = ("next_result", "next_token", "far_operand", "hidden_operand")  # cut inside one step; the loss on its rest
-
-
-def far_operands(problem: synthetic.SyntheticProblem) -> list[tuple[int, bool]]:
-    """(step, is_left) for each operand that names a result from two or more steps back: the running
-    total that a "bags with N each" step interrupts, which stage 6 copied wrongly (66 for 67) in 80 of
-    its 95 wrong answers."""
-    return [
-        (index, is_left)
-        for index, op in enumerate(problem.ops)
-        for is_left, operand in ((True, op.left), (False, op.right))
-        if operand.step is not None and operand.step < index - 1
-    ]
+# The default mix; a layout not named weighs 0.
+DEFAULT_MIX = ("uniform=0.15", "prefix=0.1", "corrupted=0.1", "results=0.05", "next_result=0.15", "next_token=0.25", "far_operand=0.2")
 
 
-def bf16_is_fast() -> bool:
-    """bf16 autocast pays off on CPUs with native bf16 (AVX512-BF16, AMX): a training step of the
-    embedded model took 1.1-1.2 s against 1.7-2.1 s in fp32 on an AVX512-BF16 core pair. On AVX2 it is
-    ~50x slower. torch's capability string says only "AVX512" on such a CPU, so ask for the feature."""
-    native = (getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(native) or torch.cuda.is_available()
-
-
-class BatchMaker:
-    """Builds (input_ids, attention, labels, weights) batches; rows depend only on (seed, step)."""
+class SyntheticBatches:
+    """Batches of generated problems; rows depend only on (seed, step)."""
 
     def __init__(
-        self, template: ReasoningTemplate, seed: int, mix: tuple[float, ...], step_weights: list[float], filler_weight: float = 1.0
+        self, template: ReasoningTemplate, seed: int, mix: dict[str, float], step_weights: list[float], filler_weight: float = 1.0
     ):
-        self.template, self.seed, self.mix, self.step_weights = template, seed, mix, step_weights
+        self.template, self.seed, self.weights, self.step_weights = template, seed, mix_weights(mix), step_weights
         self.filler_weight = filler_weight
-        self.equals_id = template.tokenizer.convert_tokens_to_ids("=")
         self.config = synthetic.SyntheticConfig(1, 6)
 
     def _problem(self, rng: random.Random, max_steps: int | None) -> synthetic.SyntheticProblem:
@@ -100,103 +57,19 @@ class BatchMaker:
         steps = rng.randint(1, max_steps) if max_steps else rng.choices(range(1, 7), weights=self.step_weights)[0]
         return synthetic.make_problem(rng, steps, self.config)
 
-    def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> tuple[list[int], list[bool], list[bool]]:
-        """One canvas, which of its slots are masked and which of those carry loss (all of them but
-        in the STEP_CUT_LAYOUTS and answer_ahead). Warm-up rows mask reasoning only (uniform layout)."""
+    def example(self, rng: random.Random, max_steps: int | None) -> Example:
+        problem = self._problem(rng, max_steps)
+        return Example(problem.question, problem.steps, str(problem.answer), problem)
+
+    def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> Row:
+        """One canvas and its masking, the layout drawn by the mix (uniform over the reasoning in warm-up)."""
         warmup = warmup_max_steps is not None
-        tpl = self.template
-        while True:
-            problem = self._problem(rng, warmup_max_steps)
-            layout = "uniform" if warmup else rng.choices(LAYOUTS, weights=self.mix)[0]
-            steps, answer, first_visible_error = problem.steps, problem.answer, None
-            far = far_operands(problem) if layout == "far_operand" else None
-            if far == []:
-                continue
-            if layout == "corrupted" or (layout == "answer_ahead" and rng.random() < 0.5):
-                trace = synthetic.corrupt(problem, rng.choice(TRAIN_KINDS), rng)
-                if trace is None or trace.answer < 0:
-                    continue
-                steps, answer, first_visible_error = trace.steps, trace.answer, trace.first_error
-            try:
-                question = tpl.encode_question(problem.question)
-                reasoning = tpl.encode_reasoning(steps)
-                answer_ids = tpl.encode_answer(str(answer))
-            except TemplateError:
-                continue
-            ids = tpl.canvas(question, reasoning, answer_ids)
-            spans = tpl.spans(len(ids))
-            response = list(range(spans.reasoning.start, spans.reasoning.stop))
-            if not warmup:
-                response += list(range(spans.answer.start, spans.answer.stop))
-            masked = [False] * len(ids)
-            if layout == "uniform":
-                t = rng.uniform(EPS, 1.0)
-                chosen = [p for p in response if rng.random() < t] or [rng.choice(response)]
-                for p in chosen:
-                    masked[p] = True
-                return ids, masked, masked
-            if layout == "results":
-                masked = self._mask_results(ids, reasoning)
-                return ids, masked, masked
-            step_spans = tpl.step_spans(reasoning)
-            step_cut = layout in STEP_CUT_LAYOUTS
-            if step_cut:
-                if far:  # just before an operand that names a result two or more steps back
-                    index, is_left = rng.choice(far)
-                    start, end = step_spans[index]
-                    offset = 0 if is_left else reasoning[start:end].index(self.equals_id) - 1
-                else:  # after the step's '=', or anywhere up to it
-                    start, end = rng.choice(step_spans)
-                    equals = reasoning[start:end].index(self.equals_id)
-                    offset = {"next_result": equals + 1, "hidden_operand": equals - 1}.get(layout)
-                    offset = rng.randint(0, equals + 1) if offset is None else offset
-                visible_end = spans.reasoning.start + start + offset
-            else:
-                low = 0 if first_visible_error is None else first_visible_error + 1
-                if layout == "answer_ahead":  # one or two steps left to compute in the answer slots
-                    k = max(low, len(step_spans) - rng.choice((1, 1, 2)))
-                else:
-                    k = rng.randint(low, len(step_spans))
-                # The token after step k (separator, or end filler after the last step) is visible half
-                # the time. Always masked after the last step only, a masked token after a result told
-                # the model the reasoning ended there: decoding left to right, it then read the answer
-                # as the result just written, confidently (early exit at entropy 0.1 took it in 0.87 -> 0.53).
-                visible_end = spans.reasoning.start + (step_spans[k - 1][1] + rng.randint(0, 1) if k else 0)
-            for p in response:
-                masked[p] = p >= visible_end
-            if layout == "answer_ahead":
-                # The loss on the answer alone: one-pass step scoring reads it with the later steps
-                # masked, and in the prefix layout it is one target among ~40 (stage 7, clean prefixes
-                # with one step left: the answer's argmax was the gold one 4% of the time).
-                return ids, masked, [masked[p] and p >= spans.answer.start for p in range(len(ids))]
-            if not step_cut:
-                return ids, masked, masked
-            if layout == "hidden_operand":
-                # The result alone, its last operand masked: one pass must infer the operand and compute
-                # with it (stage 8: the result right 0.15-0.31 of the time so, always with the operand written).
-                first = visible_end + 2
-                return ids, masked, [first <= p < spans.reasoning.start + end for p in range(len(ids))]
-            # The rest of the step and the token after it: the next step's separator or the end filler,
-            # where left-to-right decoding decides whether the reasoning goes on.
-            loss = [visible_end <= p <= spans.reasoning.start + end and masked[p] for p in range(len(ids))]
-            return ids, masked, loss
+        return make_row(self.template, rng, lambda rng: self.example(rng, warmup_max_steps), self.weights, warmup)
 
-    def _mask_results(self, ids: list[int], reasoning: list[int]) -> list[bool]:
-        """Every step's result (the tokens after '=') and the answer masked, nothing else."""
-        spans, masked = self.template.spans(len(ids)), [False] * len(ids)
-        for start, end in self.template.step_spans(reasoning):
-            equals = start + reasoning[start:end].index(self.equals_id)
-            for p in range(spans.reasoning.start + equals + 1, spans.reasoning.start + end):
-                masked[p] = True
-        for p in range(spans.answer.start, spans.answer.stop):
-            masked[p] = True
-        return masked
-
-    def drill_row(self, rng: random.Random) -> tuple[list[int], list[bool], list[bool]]:
+    def drill_row(self, rng: random.Random) -> Row:
         """Arithmetic drill: one step from each of several problems packed into one reasoning region
         under a short question, results masked: many facts in a row shorter than a problem's. One
-        step per problem, so no visible step names another's result (stage 3 packed whole problems,
-        and a later step gave the earlier result away)."""
+        step per problem, so no visible step names another's result."""
         tpl, steps = self.template, []
         question = tpl.encode_question("How many" + self._problem(rng, None).question.split("How many")[-1])
         for _ in range(12):  # keep adding steps while they fit
@@ -208,40 +81,15 @@ class BatchMaker:
             steps = candidate
         reasoning = tpl.encode_reasoning(steps)
         ids = tpl.canvas(question, reasoning, tpl.encode_answer(steps[-1].split(" = ")[1]))
-        masked = self._mask_results(ids, reasoning)
-        return ids, masked, masked
+        masked = LAYOUTS["results"].mask(Canvas(tpl, ids, reasoning), rng).masked
+        return ids, Masking(masked, masked)
 
     def batch(self, step: int, size: int, warmup_max_steps: int | None = None, drill: bool = False):
         rng = random.Random(f"train:{self.seed}:{step}")
         warmup = warmup_max_steps is not None
+
         rows = [self.drill_row(rng) if drill else self.row(rng, warmup_max_steps) for _ in range(size)]
-        ids, attention = self.template.collate([r[0] for r in rows])
-        length = ids.shape[1]
-        masked = torch.zeros_like(ids, dtype=torch.bool)
-        loss = torch.zeros_like(masked)
-        for i, (row, row_mask, row_loss) in enumerate(rows):
-            masked[i, length - len(row) :] = torch.tensor(row_mask)
-            loss[i, length - len(row) :] = torch.tensor(row_loss)
-        # 1/t with t the realised mask ratio: every row contributes its mean masked-slot loss.
-        weights = (response_slots(self.template) / loss.sum(1).clamp(min=1).float()).unsqueeze(1).expand(ids.shape).clone()
-        weights = torch.where(loss, weights, 0.0)
-        # The masked filler slots of a row share the weight of one slot. Counted one by one they are
-        # most of the targets (35 of 40 slots in a 1-step trace), and a fresh model then learns the
-        # canvas but never copies an operand: measured number accuracy 0.03 after 300 steps, against
-        # 0.65 with the filler out of the loss.
-        filler = loss & (ids == self.template.filler_id)
-        filler_count = filler.sum(1, keepdim=True).clamp(min=1).float()
-        weights = torch.where(filler, weights * self.filler_weight / filler_count, weights)
-        if warmup:
-            # Copy warm-up: the reasoning's own tokens, every one alike, on problems that grow from one
-            # step. A fresh model learns to copy operands from the question only while no filler and
-            # no answer-from-question targets compete (hidden 128, 1-step problems, 300 steps: number
-            # accuracy 0.65 without them, 0.08-0.10 with either), and only on short problems first
-            # (the full 1-6 mix: none after 360 steps; a jump from 1-step to the full mix undid it).
-            content = masked & ~filler
-            weights = torch.where(content, response_slots(self.template) * size / content.sum().clamp(min=1).float(), 0.0)
-        inputs = ids.masked_fill(masked, self.template.mask_id)
-        return inputs, attention, ids, masked, weights
+        return collate(self.template, rows, warmup, self.filler_weight)
 
 
 def init_fourier_numbers(model, tokenizer, periods: tuple[int, ...] = (10, 100, 1000)) -> None:
@@ -286,10 +134,6 @@ def grow_depth(model: ModernBertForMaskedLM, insert_after: list[int]) -> ModernB
     return grown
 
 
-def response_slots(template: ReasoningTemplate) -> int:
-    return template.config.reasoning_slots + template.config.answer_slots
-
-
 @torch.no_grad()
 def one_pass_answer_accuracy(model, template: ReasoningTemplate, problems) -> float:
     """Share of problems whose answer slots, read in one pass from the question alone, spell the gold answer."""
@@ -301,13 +145,6 @@ def one_pass_answer_accuracy(model, template: ReasoningTemplate, problems) -> fl
     return sum(template.parse_answer(pred[i].tolist()) == str(p.answer) for i, p in enumerate(problems)) / len(problems)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -316,13 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--mix",
-        type=float,
-        nargs=len(LAYOUTS),
-        default=(0.15, 0.1, 0.1, 0.05, 0.15, 0.25, 0.2, 0, 0),
-        metavar=tuple(name.upper() for name in LAYOUTS),
-    )
+    ap.add_argument("--mix", nargs="+", default=list(DEFAULT_MIX), metavar="NAME=WEIGHT", help=f"layout weights, of {list(LAYOUTS)}")
+    ap.add_argument("--list-layouts", action="store_true", help="print each layout's rule and exit")
     ap.add_argument("--step-weights", type=float, nargs=6, default=(1, 2, 3, 3, 1.5, 1), help="weights of 1..6-step problems")
     ap.add_argument("--warmup-copy-steps", type=int, default=900, help="steps of the copy warm-up (reasoning tokens only)")
     ap.add_argument("--copy-grow-every", type=int, default=150, help="the warm-up's largest problem grows by one step this often")
@@ -344,6 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.list_layouts:
+        print("\n\n".join(f"{name}: {spec.doc}" for name, spec in LAYOUTS.items()))
+        return
+    try:
+        mix = parse_mix(args.mix)
+    except ValueError as err:
+        ap.error(str(err))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -372,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         start, elapsed = state["step"], state["elapsed_s"]
         print(f"resumed at step {start}", flush=True)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast())
-    maker = BatchMaker(template, args.seed, tuple(args.mix), list(args.step_weights), args.filler_weight)
+    maker = SyntheticBatches(template, args.seed, mix, list(args.step_weights), args.filler_weight)
     val = synthetic.generate(256, seed=987654, config=synthetic.SyntheticConfig(2, 4))
     log = (args.out / "train_log.jsonl").open("a")
     n_response = response_slots(template)
@@ -389,9 +228,8 @@ def main(argv: list[str] | None = None) -> None:
                 group["lr"] *= (step - args.warmup_copy_steps + 1) / args.rewarm
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(input_ids=inputs, attention_mask=attention).logits
+        loss = masked_loss(logits, targets, masked, weights, n_response)
         logits = logits[masked].float()
-        ce = F.cross_entropy(logits, targets[masked], reduction="none")
-        loss = (ce * weights[masked]).sum() / (inputs.shape[0] * n_response)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -46,7 +46,7 @@ class TraceRow(Problem):
     self_consistency: list[float]
     final_score: float
     min_step_score: float
-    step_labels: list[bool] = Field(description="PRM labels: True while the step and all before it pass (see factory.checks)")
+    step_labels: list[bool] = Field(description="PRM labels: True while the step and all before it pass (see factory.core.checks)")
     filter_reason: str | None = Field(default=None, description="the first filter the trace failed; None when accepted")
     scoring_passes: float
     # provenance

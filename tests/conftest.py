@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import ModernBertForMaskedLM
 
+from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
 from factory.models.embedded import embedded_config
 from factory.models.tokenizer import build_tokenizer
-from factory.template import ReasoningTemplate
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from factory.core.sampler import CanvasSampler, SamplerConfig
+from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter, RemoteCodeRefused, load_tokenizer
-from factory.sampling.sampler import CanvasSampler, SamplerConfig
-from factory.template import ReasoningTemplate
 
 MODELING = textwrap.dedent(
     '''

@@ -18,27 +18,24 @@ import yaml
 from huggingface_hub import DatasetCard
 
 import factory
-from factory import output, provenance
-from factory.checks import false_equation, filter_traces, final_number, step_labels
+from factory.build import output, provenance
+from factory.build.command import build, cli_build
+from factory.build.filters import filter_traces
+from factory.build.output import BuildDir, BuildError, prm_rows, size_category
+from factory.build.runner import require_cuda_if_gpus_held
+from factory.build.sources import SourceError, load_problems
+from factory.build.spec import BuildSpec, FilterSpec, ResourceSpec, SpecError, load_spec, validate_spec
+from factory.build.stages import TraceMaker, plan_shards, problem_seed, process_shard
+from factory.core.checks import false_equation, final_number, step_labels
+from factory.core.numbers import canonical_answer
+from factory.core.sampler import SampleResult
+from factory.core.scoring import Trace
+from factory.lab.pipeline import bench_pipeline
+from factory.models import adapter as model_adapter
 from factory.models.embedded import EMBEDDED_MODEL_DIR
-from factory.output import BuildDir, BuildError, prm_rows, size_category
-from factory.pipeline import (
-    TraceMaker,
-    bench_pipeline,
-    build,
-    cli_build,
-    plan_shards,
-    problem_seed,
-    process_shard,
-    require_cuda_if_gpus_held,
-)
-from factory.sampling.sampler import SampleResult
-from factory.scoring import Trace
-from factory.sources import synthetic
-from factory.sources.registry import SourceError, canonical_answer, load_problems
+from factory.synthetic import problems as synthetic
 from schemas.arrow import arrow_schema, from_table, to_table
 from schemas.records import Problem, SFTRow, TraceRow
-from schemas.spec import FilterSpec, ResourceSpec, SpecError, load_spec, validate_spec
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -119,13 +116,23 @@ def test_default_spec_and_hash():
     spec = load_spec()
     assert spec.model.id == "embedded" and spec.source.kind == "synthetic" and spec.source.n == 48
     assert (spec.source.min_steps, spec.source.max_steps) == (2, 4)
-    assert spec.sampler.k == 2 and spec.sampler.rule == "med_prefix" and spec.sampler.rule_params == {"lam": 0.3}
+    assert spec.sampler.k == 2 and spec.sampler.rule == "med_prefix" and spec.sampler.rule_params == {"lam": 0.3, "max_per_step": None}
     assert spec.sampler.temperature == 0.7 and spec.scoring.estimator == "marginal" and spec.scoring.self_consistency
     # Where the output goes and how many workers run do not change the data, so not the hash either.
     assert spec.with_overrides(output_dir="elsewhere").spec_hash() == spec.spec_hash()
     assert validate_spec({**spec.model_dump(), "resources": {"num_actors": 4}}).spec_hash() == spec.spec_hash()
     assert validate_spec({**spec.model_dump(), "seed": 1}).spec_hash() != spec.spec_hash()
     assert spec.with_overrides(limit=3).limit == 3
+
+
+def test_a_partial_spec_takes_the_default_builds_values():
+    """Defaults live on the spec classes alone: a spec with only a source samples like the default build,
+    and greedy decoding with k > 1 (which can only write duplicates) is refused before any compute."""
+    partial = validate_spec({"source": {"n": 5}})
+    assert partial.sampler == BuildSpec().sampler and partial.sampler.temperature > 0
+    assert partial.output.shard_size == BuildSpec().output.shard_size and partial.resources == BuildSpec().resources
+    assert "greedy decoding writes the same trace k times" in spec_error({"sampler": {"temperature": 0}})
+    assert validate_spec({"sampler": {"temperature": 0, "k": 1}}).sampler.k == 1
 
 
 def test_dry_run_prints_spec_and_first_canvas(capsys, tmp_path):
@@ -412,7 +419,7 @@ def test_new_weights_behind_the_same_model_path_do_not_resume(tmp_path):
     BuildDir(tmp_path / "out").claim(spec, ["a"])  # the same weights resume
     with (model_dir / "model.safetensors").open("ab") as weights:  # a checkpoint retrained in place
         weights.write(b"\0")
-    provenance.weights_digest.cache_clear()  # a new process would read the file again
+    model_adapter.weights_digest.cache_clear()  # a new process would read the file again
     with pytest.raises(BuildError, match="model_revision"):
         BuildDir(tmp_path / "out").claim(spec, ["a"])
 
@@ -461,10 +468,14 @@ def test_an_actor_holding_gpus_without_cuda_fails_unless_the_spec_allows_cpu(mon
 
 def test_the_code_version_changes_with_any_source_that_builds_rows(tmp_path, monkeypatch):
     for package in provenance.SOURCE_PACKAGES:
-        (tmp_path / package).mkdir()
+        (tmp_path / package).mkdir(parents=True)
         (tmp_path / package / "rules.py").write_text("LAMBDA = 0.3\n")
     monkeypatch.setattr(provenance, "ROOT", tmp_path)
     before = provenance.code_version.__wrapped__()
+    for room in ("factory/lab", "factory/train", "factory/publish"):  # benchmarks, fine-tuning, publishing make no rows
+        (tmp_path / room).mkdir(parents=True, exist_ok=True)
+        (tmp_path / room / "report.py").write_text("TITLE = 'new prose'\n")
+    assert provenance.code_version.__wrapped__() == before
     (tmp_path / "schemas" / "rules.py").write_text("LAMBDA = 0.2\n")
     assert before.startswith(factory.__version__ + "+") and provenance.code_version.__wrapped__() != before
 

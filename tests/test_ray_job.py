@@ -12,7 +12,7 @@ import datasets
 import pytest
 import yaml
 
-from factory.sources import synthetic
+from factory.synthetic import problems as synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from factory.sampling.rules import RULES, StepView, make_rule
+from factory.core.rules import RULES, StepView, make_rule
 
 
 def view(confidence=None, entropy=None, candidates=None, steps_taken=0, noise=None):

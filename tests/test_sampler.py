@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from factory.sampling.sampler import CanvasSampler, Request, SamplerConfig, gumbel_argmax
-from factory.sources.synthetic import SyntheticConfig, generate
+from factory.core.sampler import CanvasSampler, Request, SamplerConfig, gumbel_argmax
+from factory.synthetic.problems import SyntheticConfig, generate
 
 QUESTIONS = [p.question for p in generate(5, seed=4, config=SyntheticConfig(1, 6))]
 

@@ -1,8 +1,8 @@
 import pytest
 
+from factory.core.scoring import StepScorer, Trace, TraceScores
 from factory.models.adapter import ModelAdapter
-from factory.scoring import StepScorer, Trace, TraceScores
-from factory.sources.synthetic import SyntheticConfig, generate
+from factory.synthetic.problems import SyntheticConfig, generate
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from factory.sources import synthetic
-from factory.sources.synthetic import CORRUPTION_KINDS, SyntheticConfig, corrupt, evaluate, generate
+from factory.synthetic import problems as synthetic
+from factory.synthetic.problems import CORRUPTION_KINDS, SyntheticConfig, corrupt, evaluate, generate
 
 
 def test_same_seed_same_problems_and_prefix_stable():

@@ -1,7 +1,7 @@
 import pytest
 
-from factory.sources.synthetic import SyntheticConfig, generate
-from factory.template import ReasoningTemplate, TemplateConfig, TemplateError
+from factory.core.template import ReasoningTemplate, TemplateConfig, TemplateError
+from factory.synthetic.problems import SyntheticConfig, generate
 
 
 def test_round_trip_and_shared_spans(template):

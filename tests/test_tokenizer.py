@@ -1,7 +1,7 @@
 from transformers import AutoTokenizer
 
 from factory.models.embedded import EMBEDDED_MODEL_DIR
-from factory.sources.synthetic import SyntheticConfig, generate
+from factory.synthetic.problems import SyntheticConfig, generate
 
 
 def test_every_generated_problem_encodes_without_unknowns(tokenizer):

@@ -1,4 +1,5 @@
 import collections
+import hashlib
 import itertools
 import json
 import random
@@ -12,12 +13,15 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import train_mdlm  # noqa: E402
 
+from factory.train.batches import response_slots  # noqa: E402
+
+GOLDEN_BATCHES = "6e81d875e20c58db"  # first batches of seed 3 before the layouts became a registry
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64", "--batch-size", "4", "--threads", "1"]
 
 
-def only(layout: str) -> tuple[float, ...]:
+def only(layout: str) -> dict[str, float]:
     """A mix that draws every row in one layout."""
-    return tuple(float(name == layout) for name in train_mdlm.LAYOUTS)
+    return {layout: 1.0}
 
 
 def response_flags(spans, masked: list[bool]) -> list[bool]:
@@ -39,10 +43,11 @@ def cut_in_step(template, ids: list[int], masked: list[bool]) -> tuple[list[int]
 
 
 def test_layouts_mask_what_the_scorer_reads(template):
-    maker = train_mdlm.BatchMaker(template, seed=0, mix=only("prefix"), step_weights=[0, 0, 1, 1, 0, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=0, mix=only("prefix"), step_weights=[0, 0, 1, 1, 0, 0])
     rng, seen = random.Random(0), collections.Counter()
     for _ in range(60):
-        ids, masked, _ = maker.row(rng)
+        ids, masking = maker.row(rng)
+        masked, _ = masking.masked, masking.loss
         spans = template.spans(len(ids))
         flags = response_flags(spans, masked)
         assert any(flags)
@@ -59,10 +64,11 @@ def test_layouts_mask_what_the_scorer_reads(template):
 
 
 def test_corrupted_layout_keeps_the_error_visible(template):
-    maker = train_mdlm.BatchMaker(template, seed=1, mix=only("corrupted"), step_weights=[0, 1, 1, 1, 0, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=1, mix=only("corrupted"), step_weights=[0, 1, 1, 1, 0, 0])
     rng, slips = random.Random(1), 0
     for _ in range(20):
-        ids, masked, _ = maker.row(rng)
+        ids, masking = maker.row(rng)
+        masked, _ = masking.masked, masking.loss
         spans = template.spans(len(ids))
         visible = [t for t, m in zip(ids[spans.reasoning], masked[spans.reasoning]) if not m]
         steps = template.split_steps(visible + [template.filler_id])
@@ -76,10 +82,11 @@ def test_corrupted_layout_keeps_the_error_visible(template):
 
 
 def test_results_layout_masks_each_result_and_the_answer_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=4, mix=only("results"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=4, mix=only("results"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(4)
     for _ in range(20):
-        ids, masked, _ = maker.row(rng)
+        ids, masking = maker.row(rng)
+        masked, _ = masking.masked, masking.loss
         spans = template.spans(len(ids))
         assert all(masked[spans.answer]) and not any(masked[: spans.reasoning.start])
         reasoning, reasoning_mask = ids[spans.reasoning], masked[spans.reasoning]
@@ -92,10 +99,11 @@ def test_results_layout_masks_each_result_and_the_answer_only(template):
 
 
 def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
-    maker = train_mdlm.BatchMaker(template, seed=6, mix=only("next_result"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=6, mix=only("next_result"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(6)
     for _ in range(20):
-        ids, masked, loss = maker.row(rng)
+        ids, masking = maker.row(rng)
+        masked, loss = masking.masked, masking.loss
         spans = template.spans(len(ids))
         flags = response_flags(spans, masked)
         assert any(flags) and flags == sorted(flags)  # a visible prefix, then everything masked
@@ -108,15 +116,16 @@ def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
         assert ids[targets[-1]] in (template.filler_id, template.separator_ids[0])  # go on, or stop
     _, _, targets, masked, weights = maker.batch(step=0, size=8)
     assert (weights[masked] > 0).sum() < masked.sum()  # the masked future carries no loss
-    assert torch.isclose(weights.sum(), torch.tensor(8.0 * train_mdlm.response_slots(template)))
+    assert torch.isclose(weights.sum(), torch.tensor(8.0 * response_slots(template)))
 
 
 def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
-    maker = train_mdlm.BatchMaker(template, seed=7, mix=only("next_token"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=7, mix=only("next_token"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(7)
     cuts_after = collections.Counter()
     for _ in range(60):
-        ids, masked, loss = maker.row(rng)
+        ids, masking = maker.row(rng)
+        masked, loss = masking.masked, masking.loss
         reasoning, step_spans, index, offset = cut_in_step(template, ids, masked)
         start, end = step_spans[index]
         step = template.tokenizer.convert_ids_to_tokens(reasoning[start:end])
@@ -132,10 +141,11 @@ def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
 
 
 def test_hidden_operand_layout_masks_a_steps_last_operand_and_trains_its_result_alone(template):
-    maker = train_mdlm.BatchMaker(template, seed=5, mix=only("hidden_operand"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=5, mix=only("hidden_operand"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(5)
     for _ in range(40):
-        ids, masked, loss = maker.row(rng)
+        ids, masking = maker.row(rng)
+        masked, loss = masking.masked, masking.loss
         reasoning, step_spans, index, offset = cut_in_step(template, ids, masked)
         start, end = step_spans[index]
         step = template.tokenizer.convert_ids_to_tokens(reasoning[start:end])
@@ -145,10 +155,11 @@ def test_hidden_operand_layout_masks_a_steps_last_operand_and_trains_its_result_
 
 
 def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(template):
-    maker = train_mdlm.BatchMaker(template, seed=8, mix=only("far_operand"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=8, mix=only("far_operand"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(8)
     for _ in range(40):
-        ids, masked, loss = maker.row(rng)
+        ids, masking = maker.row(rng)
+        masked, loss = masking.masked, masking.loss
         reasoning, step_spans, index, offset = cut_in_step(template, ids, masked)
         start, end = step_spans[index]
         tokens = template.tokenizer.convert_ids_to_tokens(reasoning[start:end])
@@ -160,10 +171,11 @@ def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(tem
 
 
 def test_answer_ahead_layout_trains_the_answer_one_or_two_steps_ahead_of_the_reasoning(template):
-    maker = train_mdlm.BatchMaker(template, seed=9, mix=only("answer_ahead"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=9, mix=only("answer_ahead"), step_weights=[0, 1, 1, 1, 1, 0])
     rng, steps_left, slips = random.Random(9), collections.Counter(), 0
     for _ in range(60):
-        ids, masked, loss = maker.row(rng)
+        ids, masking = maker.row(rng)
+        masked, loss = masking.masked, masking.loss
         spans = template.spans(len(ids))
         flags = response_flags(spans, masked)
         assert flags == sorted(flags) and all(masked[spans.answer])  # a visible prefix, then all masked
@@ -180,10 +192,11 @@ def test_answer_ahead_layout_trains_the_answer_one_or_two_steps_ahead_of_the_rea
 
 
 def test_drill_rows_pack_several_problems_results_masked(template):
-    maker = train_mdlm.BatchMaker(template, seed=5, mix=only("uniform"), step_weights=[1, 2, 3, 3, 1.5, 1])
+    maker = train_mdlm.SyntheticBatches(template, seed=5, mix=only("uniform"), step_weights=[1, 2, 3, 3, 1.5, 1])
     rng = random.Random(5)
     for _ in range(10):
-        ids, masked, _ = maker.drill_row(rng)
+        ids, masking = maker.drill_row(rng)
+        masked, _ = masking.masked, masking.loss
         spans = template.spans(len(ids))
         steps = template.split_steps(ids[spans.reasoning])
         assert len(steps) >= 6  # one step from each of several problems shares one region
@@ -194,7 +207,7 @@ def test_drill_rows_pack_several_problems_results_masked(template):
 
 
 def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
-    maker = train_mdlm.BatchMaker(template, seed=2, mix=only("uniform"), step_weights=[0, 0, 0, 0, 0, 1])
+    maker = train_mdlm.SyntheticBatches(template, seed=2, mix=only("uniform"), step_weights=[0, 0, 0, 0, 0, 1])
     inputs, _, targets, masked, weights = maker.batch(step=0, size=16, warmup_max_steps=2)
     spans = template.spans(inputs.shape[1])
     assert not masked[:, spans.answer].any()  # the answer stays visible
@@ -205,7 +218,7 @@ def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
 
 
 def test_masked_fillers_of_a_row_weigh_one_slot(template):
-    maker = train_mdlm.BatchMaker(template, seed=3, mix=only("uniform"), step_weights=[1, 0, 0, 0, 0, 0])
+    maker = train_mdlm.SyntheticBatches(template, seed=3, mix=only("uniform"), step_weights=[1, 0, 0, 0, 0, 0])
     _, _, targets, masked, weights = maker.batch(step=0, size=16)
     filler = masked & (targets == template.filler_id)
     for i in range(16):
@@ -266,3 +279,16 @@ def test_grown_model_computes_the_same_function_and_trains_on(tmp_path, tokenize
     train_mdlm.main([*args, "--steps", "3", "--checkpoint-every", "2", *TINY[8:]])
     assert AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "hf").config.num_hidden_layers == 4
     assert json.loads((tmp_path / "run" / "hf" / "training_state.json").read_text())["step"] == 3
+
+
+def test_a_fixed_seed_gives_the_batches_it_gave_before_the_layout_registry(template):
+    """The layouts moved from one method into a registry; every layout, the warm-up and a drill batch
+    still draw the same rows (digest of the first batches recorded from the code before the move)."""
+    mix = dict.fromkeys(["uniform", "prefix", "corrupted", "results", "next_result", "next_token", "far_operand"], 1.0)
+    maker = train_mdlm.SyntheticBatches(template, seed=3, mix={**mix, "answer_ahead": 0.5, "hidden_operand": 0.5}, step_weights=[1] * 6)
+    batches = [maker.batch(0, 16), maker.batch(1, 16), maker.batch(2, 8, warmup_max_steps=3), maker.batch(3, 8, drill=True)]
+    digest = hashlib.sha256()
+    for tensors in batches:
+        for tensor in tensors:
+            digest.update(tensor.float().numpy().tobytes())
+    assert digest.hexdigest()[:16] == GOLDEN_BATCHES

@@ -8,14 +8,15 @@ Remote code runs only when the user both allows it and pins a revision.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from factory.models.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
-from factory.provenance import weights_digest
 
 KINDS = ("auto", "masked_lm", "llada", "dream")
 # LLaDA's tokenizer has no mask token registered; its mask id is fixed by the model.
@@ -100,6 +101,15 @@ def resolve_model(model_id: str | Path | None) -> tuple[str | Path, str]:
     if model_id in (None, "embedded", EMBEDDED_MODEL_ID):
         return EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
     return model_id, str(model_id)
+
+
+@cache
+def weights_digest(directory: Path) -> str:
+    """sha256 of a local checkpoint's weight files: the revision of a model that has none."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"sha256:{digest.hexdigest()[:12]}"
 
 
 def model_revision(model_id: str | Path | None, revision: str | None = None) -> str | None:

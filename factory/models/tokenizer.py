@@ -12,7 +12,7 @@ import re
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from factory.sources import synthetic
+from factory.synthetic import problems as synthetic
 
 PAD, MASK, UNK, EOS = "[PAD]", "[MASK]", "[UNK]", "[EOS]"
 SPECIAL_TOKENS = (PAD, MASK, UNK, EOS)

@@ -15,10 +15,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from factory.sources import synthetic
-from factory.template import ReasoningTemplate, TemplateError
+from factory.build.spec import Columns, HFSource, LocalSource, SourceSpec, SyntheticSource
+from factory.core.numbers import canonical_answer
+from factory.core.template import ReasoningTemplate, TemplateError
+from factory.synthetic import problems as synthetic
 from schemas.records import Problem, Rejected
-from schemas.spec import Columns, HFSource, LocalSource, SourceSpec, SyntheticSource
 
 GSM8K_ANSWER_MARK = "####"
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
@@ -92,17 +93,6 @@ def gsm8k_answer(text: str) -> tuple[str, list[str]]:
         raise RowError("missing_answer", f"nothing after {GSM8K_ANSWER_MARK!r}")
     steps = [line.strip() for line in CALCULATOR_ANNOTATION.sub("", reasoning).splitlines() if line.strip()]
     return canonical_answer(final), steps
-
-
-def canonical_answer(value: Any) -> str:
-    """One spelling per integer: '1,234' -> '1234', 40.0 (a float column) -> '40', '$7' -> '7',
-    '007' -> '7'. Anything else is returned stripped, for the template to refuse."""
-    text = str(value).strip().replace(",", "").removeprefix("$")
-    match = re.fullmatch(r"(-?)(\d+)(?:\.0*)?", text)
-    if not match:
-        return text
-    number = int(match[2])
-    return f"-{number}" if match[1] and number else str(number)
 
 
 def column_steps(value: Any) -> list[str]:

@@ -1,5 +1,5 @@
-"""Checks on a written trace that need no model: the calculator, the final answer, the build's
-filters, and the step labels of the PRM data (which combine these exact checks with a step score)."""
+"""Checks on a written trace that need no model: the calculator, the final answer, and the step
+labels of the PRM data (which combine these exact checks with a step score)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,13 @@ import re
 from collections.abc import Iterable
 from fractions import Fraction
 
-from schemas.records import TraceRow
-from schemas.spec import FilterSpec
+from factory.core.numbers import NUMBER, NUMBER_PATTERN, number_value
 
-# A number may carry thousands commas and decimals (GSM8k: "0.5 * 10 = 5", "10 / 4 = 2.5") and is
-# never read from inside another one, so "0.5" is not taken for "5". An amount may be in dollars.
-_NUMBER, _OP = r"(?<![\d.])-?\d[\d,]*(?:\.\d+)?", r"[-+*/×÷]"
-_AMOUNT = rf"\$?{_NUMBER}"
-NUMBER = re.compile(_NUMBER)
+_NUMBER, _OP = NUMBER_PATTERN, r"[-+*/×÷]"
+_AMOUNT = rf"\$?{_NUMBER}"  # an amount may be in dollars
 # 'a op b op ... = c': the whole left-hand chain, so "2 + 3 + 4 = 9" is not read as "3 + 4 = 9".
 EQUATION = re.compile(rf"((?:{_AMOUNT}\s*{_OP}\s*)+{_AMOUNT})\s*=\s*\$?({_NUMBER})")
 TERM = re.compile(rf"\$?({_NUMBER})\s*({_OP}?)\s*")
-
-
-def number_value(text: str) -> Fraction:
-    return Fraction(text.replace(",", ""))
 
 
 def final_number(steps: list[str]) -> Fraction | None:
@@ -67,36 +59,3 @@ def step_labels(steps: list[str], gold_answer: str, scores: list[float], thresho
         good = good and score >= threshold and not false_equation([step]) and reaches_gold
         labels.append(good)
     return labels
-
-
-def drop_reason(trace: TraceRow, filters: FilterSpec, seen: set[tuple[str, str]]) -> str | None:
-    """Why a trace is dropped (the first filter it fails), or None to keep it. A repeat of any
-    earlier trace of the problem, kept or not, is a duplicate: the data holds each reasoning once."""
-    if filters.dedupe and (trace.problem_id, trace.reasoning) in seen:
-        return "duplicate"
-    if len(trace.steps) < filters.min_steps:
-        return "too_few_steps"
-    if filters.max_steps is not None and len(trace.steps) > filters.max_steps:
-        return "too_many_steps"
-    if filters.answer_match and final_number(trace.steps) != int(trace.gold_answer):
-        return "wrong_answer"
-    if filters.verify_arithmetic and false_equation(trace.steps):
-        return "arithmetic_error"
-    if filters.min_step_score is not None and trace.min_step_score < filters.min_step_score:
-        return "low_step_score"
-    if filters.step_labels and not all(trace.step_labels):
-        return "bad_step"
-    return None
-
-
-def filter_traces(traces: list[TraceRow], filters: FilterSpec) -> tuple[list[TraceRow], list[TraceRow]]:
-    """(kept, filtered): every filtered trace carries its `filter_reason`, none is dropped unseen."""
-    kept, filtered, seen = [], [], set()
-    for trace in traces:
-        reason = drop_reason(trace, filters, seen)
-        if reason:
-            filtered.append(trace.model_copy(update={"filter_reason": reason}))
-        else:
-            kept.append(trace)
-        seen.add((trace.problem_id, trace.reasoning))
-    return kept, filtered

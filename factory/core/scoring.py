@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
-from factory.template import ReasoningTemplate
 
 ESTIMATORS = ("marginal", "chain")
 # Which per-step score PRM labels are thresholded from: label source -> TraceScores attribute.

@@ -152,10 +152,15 @@ def check_rule(rule: Rule, region: int) -> None:
         raise ValueError(f"does not run on the {region}-slot region: {err}") from None
 
 
-def make_rule(name: str, **params) -> Rule:
+def rule_defaults(name: str) -> dict:
+    """A rule's parameters and their defaults, from its signature: the one place they are written."""
     if name not in RULES:
         raise ValueError(f"unknown unmasking rule {name!r}; choose from {sorted(RULES)}")
-    allowed = [p for p in inspect.signature(RULES[name]).parameters if p != "view"]
+    return {p.name: p.default for p in inspect.signature(RULES[name]).parameters.values() if p.name != "view"}
+
+
+def make_rule(name: str, **params) -> Rule:
+    allowed = list(rule_defaults(name))
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"rule {name!r} takes no parameter {unknown}; it takes {allowed}")

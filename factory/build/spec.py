@@ -1,8 +1,12 @@
 """The build spec: one YAML file that says what `factory build` makes, checked before any compute.
 
-Sections that configure an existing component (template, sampler, synthetic source) are derived
-from that component's config dataclass, so field names and defaults live in one place. Every
-section forbids unknown keys, and choices are Literal types, so a typo fails with the allowed values.
+`BuildSpec()` is the default build (the embedded model writing posterior traces for synthetic
+problems): its field defaults are the only home of the defaults, and `factory build` with no spec
+runs exactly it (`--dry-run` prints it as YAML to copy). Sections that configure an existing
+component (template, sampler, synthetic source) are derived from that component's config dataclass,
+so field names live in one place; a build overrides a default only where a build differs from the
+component (sampling temperature). Every section forbids unknown keys, and choices are Literal
+types, so a typo fails with the allowed values.
 """
 
 from __future__ import annotations
@@ -11,19 +15,18 @@ import dataclasses
 import hashlib
 import json
 import random
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from factory.core.rules import RULES, check_rule, make_rule, rule_defaults
+from factory.core.sampler import SamplerConfig
+from factory.core.scoring import ESTIMATORS, LABEL_SOURCES
+from factory.core.template import TemplateConfig
 from factory.models.adapter import KINDS
-from factory.sampling.rules import RULES, check_rule, make_rule
-from factory.sampling.sampler import SamplerConfig
-from factory.scoring import ESTIMATORS, LABEL_SOURCES
-from factory.sources.synthetic import SYMBOLS, SyntheticConfig, make_problem
-from factory.template import TemplateConfig
+from factory.synthetic.problems import SYMBOLS, SyntheticConfig, make_problem
 
 SECTION = ConfigDict(extra="forbid")
 RuleName = Literal[tuple(RULES)]
@@ -124,6 +127,8 @@ class TemplateSpec(section_from_dataclass(TemplateConfig, "TemplateFields")):
 
 
 class SamplerSpec(section_from_dataclass(SamplerConfig, "SamplerFields", rule=RuleName)):
+    # A build wants k different traces per problem, so it samples (the component's default, 0, is greedy).
+    temperature: float = Field(0.7, description="sampling temperature; 0 is greedy, which makes k > 1 traces copies")
     k: int = Field(2, ge=1, description="posterior traces per problem")
 
     def to_config(self) -> SamplerConfig:
@@ -132,6 +137,8 @@ class SamplerSpec(section_from_dataclass(SamplerConfig, "SamplerFields", rule=Ru
     @model_validator(mode="after")
     def _sampler_config_is_valid(self):
         self.to_config()  # SamplerConfig checks the rule's parameter names, temperature, top-k/p, batch size, early exit
+        # Resolved to every parameter of the rule, so the dry run and the card show the values that ran.
+        self.rule_params = {**rule_defaults(self.rule), **self.rule_params}
         return self
 
 
@@ -177,13 +184,13 @@ class OutputSpec(BaseModel):
     model_config = SECTION
 
     dir: str = "out/build"
-    shard_size: int = Field(16, ge=1, description="problems per shard: the unit of work, of resume and of output files")
+    shard_size: int = Field(8, ge=1, description="problems per shard: the unit of work, of resume and of output files")
 
 
 class ResourceSpec(BaseModel):
     model_config = SECTION
 
-    num_actors: int = Field(1, ge=1, description="model replicas (Ray actors)")
+    num_actors: int = Field(2, ge=1, description="model replicas (Ray actors): one per CPU core pair here, one per GPU on a cluster")
     num_gpus_per_actor: float = Field(0, ge=0, description="0 on CPU")
     cpu_fallback: bool = Field(
         False, description="an actor that holds GPUs but whose torch sees no CUDA runs on CPU (logical GPUs in tests); off: it fails"
@@ -215,6 +222,11 @@ class BuildSpec(BaseModel):
 
     @model_validator(mode="after")
     def _sampler_fits_the_build(self):
+        if self.sampler.k > 1 and self.sampler.temperature == 0:
+            raise ValueError(
+                f"sampler.k is {self.sampler.k} but sampler.temperature is 0: greedy decoding writes the same trace k times,"
+                " and every copy but the first is filtered as a duplicate; raise the temperature or set k: 1"
+            )
         if self.sampler.early_exit_gamma is not None:
             raise ValueError(
                 "sampler.early_exit_gamma: a build samples posterior traces, the gold answer clamped into the answer"
@@ -247,12 +259,11 @@ class BuildSpec(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-DEFAULT_SPEC = resources.files("factory") / "specs" / "default.yaml"
-
-
 def load_spec(path: str | Path | None = None) -> BuildSpec:
-    """Read and validate a spec file (the shipped default when `path` is None)."""
-    path = Path(path) if path is not None else Path(str(DEFAULT_SPEC))
+    """Read and validate a spec file; None is the default build, `BuildSpec()`."""
+    if path is None:
+        return BuildSpec()
+    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:

@@ -7,10 +7,11 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from factory.core.sampler import CanvasSampler, SamplerConfig
+from factory.core.template import ReasoningTemplate
+from factory.lab.report import emit
 from factory.models.adapter import ModelAdapter
-from factory.sampling.sampler import CanvasSampler, SamplerConfig
-from factory.sources import synthetic
-from factory.template import ReasoningTemplate
+from factory.synthetic import problems as synthetic
 
 
 def accuracy_report(problems: list[synthetic.SyntheticProblem], answers: list[str | None], nfe: list[int]) -> dict:
@@ -54,8 +55,4 @@ def cli_eval(argv: list[str]) -> None:
     sampler = CanvasSampler(adapter, template, SamplerConfig(rule=args.rule, rule_params=args.rule_params, batch_size=args.batch_size))
     problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(args.min_steps, args.max_steps))
     report = {"model": adapter.model_id, "seed": args.seed, "rule": args.rule, **evaluate(sampler, problems)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(report, args.json)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from factory.core.rules import StepView, make_rule
+from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
-from factory.sampling.rules import StepView, make_rule
-from factory.template import ReasoningTemplate
 
 
 @dataclass(frozen=True)

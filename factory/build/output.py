@@ -26,12 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from factory.build.provenance import code_version
+from factory.build.spec import BuildSpec
+from factory.core.scoring import LABEL_SOURCES
 from factory.models.adapter import model_revision
-from factory.provenance import code_version
-from factory.scoring import LABEL_SOURCES
 from schemas.arrow import arrow_schema, from_table, to_table
 from schemas.records import ChatMessage, PRMRow, Rejected, SFTRow, ShardResult, ShardSummary, TraceRow
-from schemas.spec import BuildSpec
 
 CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRow, "rejected": Rejected}
 TMP_MARK = ".tmp-"

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import torch
 
-NUMBER = re.compile(r"^-?\d+$")
+from factory.core.numbers import is_integer
 
 
 class TemplateError(ValueError):
@@ -99,7 +99,7 @@ class ReasoningTemplate:
         return ids + [self.filler_id] * free
 
     def encode_answer(self, answer: str) -> list[int]:
-        if not NUMBER.match(answer.strip()):
+        if not is_integer(answer):
             raise TemplateError("non_numeric_answer", f"answer {answer!r} is not an integer")
         ids = self.encode_text(answer.strip()) + self.close_ids
         self._check_known(ids, answer, "answer")
@@ -192,4 +192,4 @@ class ReasoningTemplate:
         """The integer written in the answer slots before the closing brace, or None."""
         text = self.decode(answer_ids[: self.written_length(answer_ids)])
         text = text.split(self.config.answer_close)[0].replace(",", "").strip()
-        return text if NUMBER.match(text) else None
+        return text if is_integer(text) else None

@@ -1,0 +1,135 @@
+"""`factory build`: read -> sample+score -> filter -> write, the stages composed on Ray.
+
+`load_problems` reads, the actor pool runs `process_shard` (see `stages`), and `BuildDir` writes
+resumable shard parts, then the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from factory.build.output import BuildDir, BuildError
+from factory.build.runner import connect_ray, run_on_ray
+from factory.build.sources import SourceError, load_problems
+from factory.build.spec import BuildSpec, SpecError, load_spec
+from factory.build.stages import driver_template, plan_shards
+from schemas.records import ShardResult
+
+Log = Callable[[str], None]
+
+
+def log_line(message: str) -> None:
+    print(message, flush=True)
+
+
+class Progress:
+    def __init__(self, total_problems: int, log: Log):
+        self.total, self.log = total_problems, log
+        self.done = self.traces = self.accepted = 0
+        self.started = time.perf_counter()
+
+    def update(self, result: ShardResult) -> None:
+        self.done += result.problems
+        self.traces += result.sampled
+        self.accepted += result.accepted
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        self.log(
+            f"[build] shard {result.shard}: {self.done}/{self.total} problems, {self.traces} traces "
+            f"({self.accepted} accepted), {self.traces / elapsed:.2f} traces/s, ETA {eta:.0f}s"
+        )
+
+
+# ---- the build ------------------------------------------------------------------------------
+
+
+def build(spec: BuildSpec, address: str | None = None, log: Log = log_line, on_shard: Callable[[ShardResult], None] | None = None) -> dict:
+    """Run (or resume) the build the spec describes; returns the manifest. `on_shard` sees each
+    shard's result once it is written."""
+    problems, rejected = load_problems(spec.source, driver_template(spec), spec.limit)
+    if not problems:
+        reasons = dict(Counter(r.reason for r in rejected))
+        raise BuildError(f"no usable problems: {len(rejected)} rows rejected {reasons}; `factory build --dry-run` shows why")
+    out = BuildDir(spec.output.dir)
+    out.claim(spec, [p.problem_id for p in problems])
+    shards = plan_shards(problems, spec.output.shard_size)
+    done = out.done_shards()
+    todo = [(i, shard) for i, shard in enumerate(shards) if i not in done]
+    log(f"[build] {len(problems)} problems ({len(rejected)} rows rejected) in {len(shards)} shards; {len(shards) - len(todo)} already done")
+    if todo:
+        started_ray = connect_ray(address)
+        try:
+            progress = Progress(sum(len(s) for _, s in todo), log)
+            for result in run_on_ray(spec, todo):
+                out.write_shard(result)
+                progress.update(result)
+                if on_shard:
+                    on_shard(result)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    manifest = out.assemble(spec, len(shards), rejected)
+    log(summary_line(manifest, out.root))
+    return manifest
+
+
+def summary_line(manifest: dict, root: Path) -> str:
+    def mean(key: str) -> str:
+        return f"{manifest[key]:.3f}" if manifest[key] is not None else "n/a"
+
+    return (
+        f"[build] done: {manifest['problems']} problems, {manifest['traces_sampled']} traces sampled, "
+        f"{manifest['accepted']} accepted, {manifest['rejected']['total']} rows rejected {manifest['rejected']['by_reason']}, "
+        f"{manifest['filtered']['total']} traces filtered {manifest['filtered']['by_reason']}; "
+        f"mean NFE {mean('mean_nfe')}, mean step score {mean('mean_step_score')} -> {root}"
+    )
+
+
+def dry_run(spec: BuildSpec) -> str:
+    """The resolved spec and the first problem's filled canvas, decoded: what would be built, computing nothing."""
+    template = driver_template(spec)
+    problems, rejected = load_problems(spec.source, template, spec.limit)
+    lines = [f"# spec {spec.spec_hash()}", spec.to_yaml(), f"# {len(problems)} usable problems, {len(rejected)} rows rejected"]
+    for reason, count in Counter(r.reason for r in rejected).most_common():
+        example = next(r for r in rejected if r.reason == reason)
+        lines.append(f"#   {reason}: {count} (e.g. row {example.row}: {example.detail})")
+    if problems:
+        first = problems[0]
+        canvas = template.canvas(template.encode_question(first.question), None, template.encode_answer(first.gold_answer))
+        lines += [f"# first canvas ({len(canvas)} tokens, reasoning masked, gold answer clamped):", template.tokenizer.decode(canvas)]
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def spec_from_args(args: argparse.Namespace) -> BuildSpec:
+    try:
+        return load_spec(args.spec).with_overrides(output_dir=args.output, limit=args.limit)
+    except SpecError as err:
+        sys.exit(str(err))
+
+
+def cli_build(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="factory build", description="Build a scored, filtered reasoning dataset from a spec.")
+    ap.add_argument("spec", nargs="?", help="build spec YAML (default: the shipped factory/specs/default.yaml)")
+    ap.add_argument("--output", help="output directory (overrides output.dir)")
+    ap.add_argument("--limit", type=int, help="use at most N problems (overrides limit)")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved spec and the first filled canvas; run nothing")
+    ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    args = ap.parse_args(argv)
+    spec = spec_from_args(args)
+    try:
+        if args.dry_run:
+            print(dry_run(spec))
+        else:
+            build(spec, args.address)
+    except (BuildError, SourceError) as err:
+        sys.exit(f"factory build: {err}")
