@@ -10,15 +10,15 @@ import argparse
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from factory.build.output import BuildDir, BuildError
-from factory.build.runner import connect_ray, run_on_ray
+from factory.build.runner import run_ray_build
 from factory.build.sources import SourceError, load_problems
 from factory.build.spec import BuildSpec, SpecError, load_spec
 from factory.build.stages import driver_template, plan_shards
-from schemas.records import ShardResult
+from schemas.records import Problem, ShardResult
 
 Log = Callable[[str], None]
 
@@ -48,9 +48,19 @@ class Progress:
 # ---- the build ------------------------------------------------------------------------------
 
 
-def build(spec: BuildSpec, address: str | None = None, log: Log = log_line, on_shard: Callable[[ShardResult], None] | None = None) -> dict:
+Runner = Callable[[BuildSpec, list[tuple[int, list[Problem]]]], Iterator[ShardResult]]
+
+
+def build(
+    spec: BuildSpec,
+    address: str | None = None,
+    log: Log = log_line,
+    on_shard: Callable[[ShardResult], None] | None = None,
+    runner: Runner | None = None,
+) -> dict:
     """Run (or resume) the build the spec describes; returns the manifest. `on_shard` sees each
-    shard's result once it is written."""
+    shard's result once it is written. The shards run on Ray (at `address`, else a local Ray) unless
+    another `runner` is given, e.g. `runner.run_in_process`: the steps do not know their executor."""
     problems, rejected = load_problems(spec.source, driver_template(spec), spec.limit)
     if not problems:
         reasons = dict(Counter(r.reason for r in rejected))
@@ -62,19 +72,12 @@ def build(spec: BuildSpec, address: str | None = None, log: Log = log_line, on_s
     todo = [(i, shard) for i, shard in enumerate(shards) if i not in done]
     log(f"[build] {len(problems)} problems ({len(rejected)} rows rejected) in {len(shards)} shards; {len(shards) - len(todo)} already done")
     if todo:
-        started_ray = connect_ray(address)
-        try:
-            progress = Progress(sum(len(s) for _, s in todo), log)
-            for result in run_on_ray(spec, todo):
-                out.write_shard(result)
-                progress.update(result)
-                if on_shard:
-                    on_shard(result)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
+        progress = Progress(sum(len(s) for _, s in todo), log)
+        for result in runner(spec, todo) if runner else run_ray_build(spec, todo, address):
+            out.write_shard(result)
+            progress.update(result)
+            if on_shard:
+                on_shard(result)
     manifest = out.assemble(spec, len(shards), rejected)
     log(summary_line(manifest, out.root))
     return manifest

@@ -58,6 +58,26 @@ def connect_ray(address: str | None = None) -> bool:
     return True
 
 
+def run_in_process(spec: BuildSpec, shards: list[tuple[int, list[Problem]]], adapter=None) -> Iterator[ShardResult]:
+    """The same shards on one model in this process, no Ray: small builds, tests, debugging. `adapter`
+    is a model already loaded (else the spec's model is loaded here)."""
+    maker = TraceMaker(spec, adapter)
+    for index, problems in shards:
+        yield process_shard(maker, index, problems)
+
+
+def run_ray_build(spec: BuildSpec, shards: list[tuple[int, list[Problem]]], address: str | None = None) -> Iterator[ShardResult]:
+    """`run_on_ray` on the cluster at `address` (else a local Ray, shut down after the last shard)."""
+    started_ray = connect_ray(address)
+    try:
+        yield from run_on_ray(spec, shards)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
 def run_on_ray(spec: BuildSpec, shards: list[tuple[int, list[Problem]]]) -> Iterator[ShardResult]:
     """Shard results in the order they finish."""
     import ray
