@@ -13,6 +13,11 @@ COMMANDS = [
     (("eval",), "factory.lab.evaluate:cli_eval", "decode fresh synthetic problems and report answer accuracy"),
     (("bench", "samplers"), "factory.lab.samplers:cli_samplers", "every unmasking rule on the same problems: accuracy vs forward passes"),
     (("bench", "scoring"), "factory.lab.scoring:cli_scoring", "step scorers on clean and corrupted traces: AUROC vs passes"),
+    (
+        ("bench", "finetune"),
+        "factory.lab.finetune:cli_bench_finetune",
+        "SFT arms (gold, posterior, rejection, ...) from one base: held-out accuracy",
+    ),
     (("bench", "pipeline"), "factory.lab.pipeline:cli_pipeline", "Ray pipeline traces/s against the in-process sampler"),
 ]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,66 +29,16 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertForMaske
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from factory.core.template import ReasoningTemplate, TemplateError  # noqa: E402
+from factory.core.template import ReasoningTemplate  # noqa: E402
 from factory.models.embedded import embedded_config  # noqa: E402
 from factory.models.tokenizer import build_tokenizer  # noqa: E402
 from factory.synthetic import problems as synthetic  # noqa: E402
-from factory.train.batches import Example, Row, collate, make_row, masked_loss, response_slots  # noqa: E402
-from factory.train.layouts import LAYOUTS, Canvas, Masking, mix_weights, parse_mix  # noqa: E402
+from factory.train.batches import SyntheticBatches, masked_loss, response_slots  # noqa: E402
+from factory.train.layouts import LAYOUTS, parse_mix  # noqa: E402
 from factory.train.optim import bf16_is_fast, lr_at  # noqa: E402
 
 # The default mix; a layout not named weighs 0.
 DEFAULT_MIX = ("uniform=0.15", "prefix=0.1", "corrupted=0.1", "results=0.05", "next_result=0.15", "next_token=0.25", "far_operand=0.2")
-
-
-class SyntheticBatches:
-    """Batches of generated problems; rows depend only on (seed, step)."""
-
-    def __init__(
-        self, template: ReasoningTemplate, seed: int, mix: dict[str, float], step_weights: list[float], filler_weight: float = 1.0
-    ):
-        self.template, self.seed, self.weights, self.step_weights = template, seed, mix_weights(mix), step_weights
-        self.filler_weight = filler_weight
-        self.config = synthetic.SyntheticConfig(1, 6)
-
-    def _problem(self, rng: random.Random, max_steps: int | None) -> synthetic.SyntheticProblem:
-        """A problem of 1..max_steps steps in the copy warm-up, else drawn by the step weights."""
-        steps = rng.randint(1, max_steps) if max_steps else rng.choices(range(1, 7), weights=self.step_weights)[0]
-        return synthetic.make_problem(rng, steps, self.config)
-
-    def example(self, rng: random.Random, max_steps: int | None) -> Example:
-        problem = self._problem(rng, max_steps)
-        return Example(problem.question, problem.steps, str(problem.answer), problem)
-
-    def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> Row:
-        """One canvas and its masking, the layout drawn by the mix (uniform over the reasoning in warm-up)."""
-        warmup = warmup_max_steps is not None
-        return make_row(self.template, rng, lambda rng: self.example(rng, warmup_max_steps), self.weights, warmup)
-
-    def drill_row(self, rng: random.Random) -> Row:
-        """Arithmetic drill: one step from each of several problems packed into one reasoning region
-        under a short question, results masked: many facts in a row shorter than a problem's. One
-        step per problem, so no visible step names another's result."""
-        tpl, steps = self.template, []
-        question = tpl.encode_question("How many" + self._problem(rng, None).question.split("How many")[-1])
-        for _ in range(12):  # keep adding steps while they fit
-            candidate = [*steps, rng.choice(self._problem(rng, None).steps)]
-            try:
-                tpl.encode_reasoning(candidate)
-            except TemplateError:
-                continue
-            steps = candidate
-        reasoning = tpl.encode_reasoning(steps)
-        ids = tpl.canvas(question, reasoning, tpl.encode_answer(steps[-1].split(" = ")[1]))
-        masked = LAYOUTS["results"].mask(Canvas(tpl, ids, reasoning), rng).masked
-        return ids, Masking(masked, masked)
-
-    def batch(self, step: int, size: int, warmup_max_steps: int | None = None, drill: bool = False):
-        rng = random.Random(f"train:{self.seed}:{step}")
-        warmup = warmup_max_steps is not None
-
-        rows = [self.drill_row(rng) if drill else self.row(rng, warmup_max_steps) for _ in range(size)]
-        return collate(self.template, rows, warmup, self.filler_weight)
 
 
 def init_fourier_numbers(model, tokenizer, periods: tuple[int, ...] = (10, 100, 1000)) -> None:

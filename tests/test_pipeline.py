@@ -345,7 +345,7 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     assert row.reasoning == problem.gold_steps[0] and row.steps == [problem.gold_steps[0]]
 
     out = BuildDir(spec.output.dir)
-    out.claim(spec, [p.problem_id for p in problems])
+    out.claim(spec)
     shards = plan_shards(problems, spec.output.shard_size)
     for index, shard in enumerate(shards):
         out.write_shard(process_shard(maker, index, shard))
@@ -379,49 +379,46 @@ def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, te
     loaded = []
     for n in (3, 1):
         shutil.rmtree(out.root, ignore_errors=True)
-        out.claim(spec, [p.problem_id for p in problems])
+        out.claim(spec)
         out.write_shard(process_shard(maker, 0, problems[:n]))
         manifest = out.assemble(spec, 1, rejected)
         loaded.append(len(load_config(out.root, "traces")))
     assert loaded == [6, 2]
     # assembling again writes the same files; a data file an earlier assembly left is removed, a user's own file kept
-    stale, mine = (out.root / "data" / "traces" / name for name in ("train-00000-of-00001-000000000000.parquet", "mine.parquet"))
+    stale, mine = (out.root / "data" / "traces" / name for name in ("train-00000-000000000000.parquet", "mine.parquet"))
     for path in (stale, mine):
         path.write_bytes((out.root / manifest["files"]["traces"][0]).read_bytes())
     assert out.assemble(spec, 1, rejected)["files"] == manifest["files"] and not stale.exists() and mine.exists()
     assert len(load_config(out.root, "traces")) == 2
 
 
-def test_an_output_dir_is_resumed_only_by_its_own_spec_code_and_problems(tmp_path, monkeypatch):
-    spec, ids = validate_spec(small_spec(tmp_path / "out")), ["a", "b", "c"]
-    BuildDir(tmp_path / "out").claim(spec, ids)
-    BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "resources": {"num_actors": 2}}), ids)
+def test_an_output_dir_is_resumed_only_by_its_own_spec_code_and_weights(tmp_path, monkeypatch):
+    spec = validate_spec(small_spec(tmp_path / "out"))
+    BuildDir(tmp_path / "out").claim(spec)
+    BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "resources": {"num_actors": 2}}))
     with pytest.raises(BuildError, match="spec_hash"):
-        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "seed": 5}), ids)
+        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "seed": 5}))
     with pytest.raises(BuildError, match="shard_size"):
-        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "output": {**spec.output.model_dump(), "shard_size": 3}}), ids)
-    # shards are known by index: a row added to the source in between would shift every later problem
-    with pytest.raises(BuildError, match="problems"):
-        BuildDir(tmp_path / "out").claim(spec, ["new", *ids])
+        BuildDir(tmp_path / "out").claim(validate_spec({**spec.model_dump(), "output": {**spec.output.model_dump(), "shard_size": 3}}))
     monkeypatch.setattr(output, "code_version", lambda: "0.1.0+edited")  # a resume after the code changed
     with pytest.raises(BuildError, match="code_version"):
-        BuildDir(tmp_path / "out").claim(spec, ids)
+        BuildDir(tmp_path / "out").claim(spec)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(BuildError, match="holds no factory build"):
-        BuildDir(tmp_path / "other").claim(spec, ids)
+        BuildDir(tmp_path / "other").claim(spec)
 
 
 def test_new_weights_behind_the_same_model_path_do_not_resume(tmp_path):
     model_dir = shutil.copytree(EMBEDDED_MODEL_DIR, tmp_path / "model")
     spec = validate_spec(small_spec(tmp_path / "out", model={"id": str(model_dir)}))
-    BuildDir(tmp_path / "out").claim(spec, ["a"])
-    BuildDir(tmp_path / "out").claim(spec, ["a"])  # the same weights resume
+    BuildDir(tmp_path / "out").claim(spec)
+    BuildDir(tmp_path / "out").claim(spec)  # the same weights resume
     with (model_dir / "model.safetensors").open("ab") as weights:  # a checkpoint retrained in place
         weights.write(b"\0")
     model_adapter.weights_digest.cache_clear()  # a new process would read the file again
     with pytest.raises(BuildError, match="model_revision"):
-        BuildDir(tmp_path / "out").claim(spec, ["a"])
+        BuildDir(tmp_path / "out").claim(spec)
 
 
 def test_a_source_that_cannot_be_used_stops_the_build_before_it_claims_the_directory(tmp_path):
@@ -529,8 +526,9 @@ def test_build_with_ray_writes_a_loadable_dataset(straight_build):
         user, assistant = row["messages"]
         assert user["content"] == questions[row["trace_id"]] and "boxed" not in user["content"]
     assert [r["reason"] for r in load_config(out, "rejected")] == ["non_numeric_answer", "empty_question"]
-    names = sorted(p.name for p in (out / "data" / "traces").iterdir())
-    assert names == [f"train-0000{i}-of-00003-{manifest['fingerprint']}.parquet" for i in range(3)]
+    names = sorted(f"data/traces/{p.name}" for p in (out / "data" / "traces").iterdir())
+    assert names == manifest["files"]["traces"] and [n[:22] for n in names] == [f"data/traces/train-0000{i}" for i in range(3)]
+    assert all(output.DATA_FILE.fullmatch(n) for n in names)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import train_mdlm  # noqa: E402
 
-from factory.train.batches import response_slots  # noqa: E402
+from factory.train.batches import SyntheticBatches, response_slots  # noqa: E402
 
 GOLDEN_BATCHES = "6e81d875e20c58db"  # first batches of seed 3 before the layouts became a registry
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64", "--batch-size", "4", "--threads", "1"]
@@ -43,7 +43,7 @@ def cut_in_step(template, ids: list[int], masked: list[bool]) -> tuple[list[int]
 
 
 def test_layouts_mask_what_the_scorer_reads(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=0, mix=only("prefix"), step_weights=[0, 0, 1, 1, 0, 0])
+    maker = SyntheticBatches(template, seed=0, mix=only("prefix"), step_weights=[0, 0, 1, 1, 0, 0])
     rng, seen = random.Random(0), collections.Counter()
     for _ in range(60):
         ids, masking = maker.row(rng)
@@ -64,7 +64,7 @@ def test_layouts_mask_what_the_scorer_reads(template):
 
 
 def test_corrupted_layout_keeps_the_error_visible(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=1, mix=only("corrupted"), step_weights=[0, 1, 1, 1, 0, 0])
+    maker = SyntheticBatches(template, seed=1, mix=only("corrupted"), step_weights=[0, 1, 1, 1, 0, 0])
     rng, slips = random.Random(1), 0
     for _ in range(20):
         ids, masking = maker.row(rng)
@@ -82,7 +82,7 @@ def test_corrupted_layout_keeps_the_error_visible(template):
 
 
 def test_results_layout_masks_each_result_and_the_answer_only(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=4, mix=only("results"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = SyntheticBatches(template, seed=4, mix=only("results"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(4)
     for _ in range(20):
         ids, masking = maker.row(rng)
@@ -99,7 +99,7 @@ def test_results_layout_masks_each_result_and_the_answer_only(template):
 
 
 def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=6, mix=only("next_result"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = SyntheticBatches(template, seed=6, mix=only("next_result"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(6)
     for _ in range(20):
         ids, masking = maker.row(rng)
@@ -120,7 +120,7 @@ def test_next_result_layout_is_left_to_right_decoding_at_a_result(template):
 
 
 def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=7, mix=only("next_token"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = SyntheticBatches(template, seed=7, mix=only("next_token"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(7)
     cuts_after = collections.Counter()
     for _ in range(60):
@@ -141,7 +141,7 @@ def test_next_token_layout_cuts_anywhere_in_a_step_up_to_its_result(template):
 
 
 def test_hidden_operand_layout_masks_a_steps_last_operand_and_trains_its_result_alone(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=5, mix=only("hidden_operand"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = SyntheticBatches(template, seed=5, mix=only("hidden_operand"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(5)
     for _ in range(40):
         ids, masking = maker.row(rng)
@@ -155,7 +155,7 @@ def test_hidden_operand_layout_masks_a_steps_last_operand_and_trains_its_result_
 
 
 def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=8, mix=only("far_operand"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = SyntheticBatches(template, seed=8, mix=only("far_operand"), step_weights=[0, 1, 1, 1, 1, 0])
     rng = random.Random(8)
     for _ in range(40):
         ids, masking = maker.row(rng)
@@ -171,7 +171,7 @@ def test_far_operand_layout_cuts_before_a_result_from_two_or_more_steps_back(tem
 
 
 def test_answer_ahead_layout_trains_the_answer_one_or_two_steps_ahead_of_the_reasoning(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=9, mix=only("answer_ahead"), step_weights=[0, 1, 1, 1, 1, 0])
+    maker = SyntheticBatches(template, seed=9, mix=only("answer_ahead"), step_weights=[0, 1, 1, 1, 1, 0])
     rng, steps_left, slips = random.Random(9), collections.Counter(), 0
     for _ in range(60):
         ids, masking = maker.row(rng)
@@ -192,7 +192,7 @@ def test_answer_ahead_layout_trains_the_answer_one_or_two_steps_ahead_of_the_rea
 
 
 def test_drill_rows_pack_several_problems_results_masked(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=5, mix=only("uniform"), step_weights=[1, 2, 3, 3, 1.5, 1])
+    maker = SyntheticBatches(template, seed=5, mix=only("uniform"), step_weights=[1, 2, 3, 3, 1.5, 1])
     rng = random.Random(5)
     for _ in range(10):
         ids, masking = maker.drill_row(rng)
@@ -207,7 +207,7 @@ def test_drill_rows_pack_several_problems_results_masked(template):
 
 
 def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=2, mix=only("uniform"), step_weights=[0, 0, 0, 0, 0, 1])
+    maker = SyntheticBatches(template, seed=2, mix=only("uniform"), step_weights=[0, 0, 0, 0, 0, 1])
     inputs, _, targets, masked, weights = maker.batch(step=0, size=16, warmup_max_steps=2)
     spans = template.spans(inputs.shape[1])
     assert not masked[:, spans.answer].any()  # the answer stays visible
@@ -218,7 +218,7 @@ def test_copy_warmup_trains_reasoning_tokens_of_short_problems_only(template):
 
 
 def test_masked_fillers_of_a_row_weigh_one_slot(template):
-    maker = train_mdlm.SyntheticBatches(template, seed=3, mix=only("uniform"), step_weights=[1, 0, 0, 0, 0, 0])
+    maker = SyntheticBatches(template, seed=3, mix=only("uniform"), step_weights=[1, 0, 0, 0, 0, 0])
     _, _, targets, masked, weights = maker.batch(step=0, size=16)
     filler = masked & (targets == template.filler_id)
     for i in range(16):
@@ -285,7 +285,7 @@ def test_a_fixed_seed_gives_the_batches_it_gave_before_the_layout_registry(templ
     """The layouts moved from one method into a registry; every layout, the warm-up and a drill batch
     still draw the same rows (digest of the first batches recorded from the code before the move)."""
     mix = dict.fromkeys(["uniform", "prefix", "corrupted", "results", "next_result", "next_token", "far_operand"], 1.0)
-    maker = train_mdlm.SyntheticBatches(template, seed=3, mix={**mix, "answer_ahead": 0.5, "hidden_operand": 0.5}, step_weights=[1] * 6)
+    maker = SyntheticBatches(template, seed=3, mix={**mix, "answer_ahead": 0.5, "hidden_operand": 0.5}, step_weights=[1] * 6)
     batches = [maker.batch(0, 16), maker.batch(1, 16), maker.batch(2, 8, warmup_max_steps=3), maker.batch(3, 8, drill=True)]
     digest = hashlib.sha256()
     for tensors in batches:

@@ -17,7 +17,7 @@ from factory.build.output import BuildDir, BuildError
 from factory.build.runner import run_ray_build
 from factory.build.sources import SourceError, load_problems
 from factory.build.spec import BuildSpec, SpecError, load_spec
-from factory.build.stages import driver_template, plan_shards
+from factory.build.stages import driver_template
 from schemas.records import Problem, ShardResult
 
 Log = Callable[[str], None]
@@ -66,11 +66,14 @@ def build(
         reasons = dict(Counter(r.reason for r in rejected))
         raise BuildError(f"no usable problems: {len(rejected)} rows rejected {reasons}; `factory build --dry-run` shows why")
     out = BuildDir(spec.output.dir)
-    out.claim(spec, [p.problem_id for p in problems])
-    shards = plan_shards(problems, spec.output.shard_size)
+    out.claim(spec)
+    shards, added = out.plan(problems, spec.output.shard_size)
     done = out.done_shards()
-    todo = [(i, shard) for i, shard in enumerate(shards) if i not in done]
-    log(f"[build] {len(problems)} problems ({len(rejected)} rows rejected) in {len(shards)} shards; {len(shards) - len(todo)} already done")
+    todo = [(i, shard) for i, shard in sorted(shards.items()) if i not in done]
+    log(
+        f"[build] {len(problems)} problems ({len(rejected)} rows rejected, {added} new) in {len(shards)} shards;"
+        f" {len(shards) - len(todo)} already done"
+    )
     if todo:
         progress = Progress(sum(len(s) for _, s in todo), log)
         for result in runner(spec, todo) if runner else run_ray_build(spec, todo, address):

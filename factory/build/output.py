@@ -1,16 +1,23 @@
 """The output directory of a build: resumable shard parts, then a Hugging Face dataset.
 
     OUT/_build/spec.json                  the spec and its hash; a rerun with another spec is refused
+    OUT/_build/increments.json            each run that added problems: date, problems added, its shards
+    OUT/_build/shards/00003.plan.json        the problems of shard 3, written before it runs
     OUT/_build/shards/00003.traces.parquet   accepted traces of shard 3
     OUT/_build/shards/00003.filtered.parquet the shard's other traces, each with its filter_reason
     OUT/_build/shards/00003.done.json        its completion marker (a ShardSummary), written after the part
-    OUT/data/{traces,filtered,sft,prm}/train-00003-of-00008-<fingerprint>.parquet   one file per shard, from the parts
-    OUT/data/rejected/train-00000-of-00001-<fingerprint>.parquet
+    OUT/data/{traces,filtered,sft,prm}/train-00003-<digest>.parquet   one file per shard, named by its rows' digest
+    OUT/data/rejected/train-00000-<digest>.parquet
     OUT/README.md                          dataset card; its `configs:` front matter names the data files
     OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, rows per config, means, fingerprint
 
 Every file is written to a temporary name and renamed into place, so a build killed at any moment
 leaves each file either complete or absent, and a shard either done (marker present) or to redo.
+
+Incremental: a problem is known by its content digest (`problem_id`). A rerun over a source that
+gained rows plans only the problems no shard holds yet, as new shards after the existing ones; rows
+that moved or repeat change nothing. A finished shard's rows, and so its files' names and bytes, never
+change, so a publish of the grown build only adds files.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +37,11 @@ import yaml
 
 from factory.build.provenance import code_version
 from factory.build.spec import BuildSpec
+from factory.build.stages import plan_shards
 from factory.core.scoring import LABEL_SOURCES
 from factory.models.adapter import model_revision
 from schemas.arrow import arrow_schema, from_table, to_table
-from schemas.records import ChatMessage, PRMRow, Rejected, SFTRow, ShardResult, ShardSummary, TraceRow
+from schemas.records import ChatMessage, PRMRow, Problem, Rejected, SFTRow, ShardResult, ShardSummary, TraceRow
 
 CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRow, "rejected": Rejected}
 TMP_MARK = ".tmp-"
@@ -62,8 +72,15 @@ def write_empty_parquet(schema: pa.Schema, path: Path) -> None:
     pq.ParquetWriter(path, schema).close()
 
 
-def data_file(config: str, index: int, count: int, fingerprint: str) -> str:
-    return f"data/{config}/train-{index:05d}-of-{count:05d}-{fingerprint}.parquet"
+# A data file's name: its shard and a digest of its rows, so a shard's file keeps its name while its rows
+# stay, and a file with other rows never takes an old name.
+DATA_FILE = re.compile(r"data/[a-z]+/train-\d{5}-[0-9a-f]{12}\.parquet")
+DATA_FILE_GLOB = "train-?????-????????????.parquet"
+
+
+def data_file(config: str, index: int, rows: list) -> str:
+    digest = hashlib.sha256("".join(r.model_dump_json() for r in rows).encode()).hexdigest()[:12]
+    return f"data/{config}/train-{index:05d}-{digest}.parquet"
 
 
 # ---- the derived configs -------------------------------------------------------------------
@@ -115,25 +132,27 @@ class BuildDir:
     def marker(self, shard: int) -> Path:
         return self.shards / f"{shard:05d}.done.json"
 
-    def claim(self, spec: BuildSpec, problem_ids: list[str]) -> None:
-        """Start or resume a build of `spec` over these problems here; refuse a directory that holds
-        anything else. Finished shards are known by index, so a resume must see the same problems in
-        the same order: a source edited in between would skip some and repeat others."""
+    def plan_file(self, shard: int) -> Path:
+        return self.shards / f"{shard:05d}.plan.json"
+
+    def claim(self, spec: BuildSpec) -> None:
+        """Start or resume a build of `spec` here; refuse a directory that holds anything else. The
+        source may have grown (see `plan`), but the spec, the code and the model's weights must be the
+        ones that made the rows already here: one dataset never mixes two."""
         wanted = {
             "spec_hash": spec.spec_hash(),
             "shard_size": spec.output.shard_size,
             "code_version": code_version(),
             # the spec names a model (a path, 'embedded'); new weights behind the same name must not resume
             "model_revision": model_revision(spec.model.id, spec.model.revision),
-            "problems": hashlib.sha256("\n".join(problem_ids).encode()).hexdigest()[:12],
         }
         if self.state.exists():
             found = json.loads(self.state.read_text())
             for key, value in wanted.items():
                 if found.get(key) != value:
                     raise BuildError(
-                        f"{self.root} holds a build with {key} {found.get(key)}, but this one has {key} {value}; resume only "
-                        "with the same spec, code and source rows (a dataset never mixes two), or choose another --output"
+                        f"{self.root} holds a build with {key} {found.get(key)}, but this one has {key} {value}; a dataset never"
+                        f" mixes two: start a new version with another --output (e.g. {self.root.name}-v2)"
                     )
         elif self.root.exists() and any(self.root.iterdir()):
             raise BuildError(f"{self.root} is not empty and holds no factory build; choose another --output")
@@ -141,6 +160,37 @@ class BuildDir:
             write_text(self.state, json.dumps({**wanted, "spec": spec.model_dump(mode="json")}, indent=2))
         for leftover in self.root.rglob(f".*{TMP_MARK}*"):  # from a build killed mid-write
             leftover.unlink()
+
+    def planned(self) -> dict[int, list[Problem]]:
+        """Every shard planned so far and its problems."""
+        plans = sorted(self.shards.glob("*.plan.json"))
+        return {int(p.name.split(".")[0]): [Problem.model_validate(r) for r in json.loads(p.read_text())] for p in plans}
+
+    def plan(self, problems: list[Problem], shard_size: int) -> tuple[dict[int, list[Problem]], int]:
+        """Plan the problems no shard holds yet as new shards after the existing ones, each written
+        before it runs (so a killed run redoes exactly those shards); returns every shard's problems
+        and how many were added. Problems are known by content: a row that moved or repeats is none."""
+        planned = self.planned()
+        known = {p.problem_id for shard in planned.values() for p in shard}
+        new = [p for p in problems if p.problem_id not in known]
+        first = max(planned, default=-1) + 1
+        chunks = plan_shards(new, shard_size)
+        for shard, chunk in enumerate(chunks, start=first):
+            write_text(self.plan_file(shard), json.dumps([p.model_dump(mode="json") for p in chunk]))
+            planned[shard] = chunk
+        if new:
+            increments = self.increments()
+            shards = [first, first + len(chunks)]
+            increments.append({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "problems_added": len(new), "shards": shards})
+            write_text(self.increments_file, json.dumps(increments, indent=1))
+        return planned, len(new)
+
+    @property
+    def increments_file(self) -> Path:
+        return self.root / "_build" / "increments.json"
+
+    def increments(self) -> list[dict]:
+        return json.loads(self.increments_file.read_text()) if self.increments_file.exists() else []
 
     def done_shards(self) -> set[int]:
         return {int(p.name.split(".")[0]) for p in self.shards.glob("*.done.json")}
@@ -159,9 +209,8 @@ class BuildDir:
         return {"traces": traces, "filtered": filtered, "sft": [sft_row(t, spec) for t in traces], "prm": prm_rows(traces + filtered, spec)}
 
     def fingerprint(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> str:
-        """A digest of every row the dataset holds. It names the data files and the card's file
-        patterns: `datasets` caches a local dataset by its card, not by its files' contents, so a
-        directory deleted and rebuilt with other rows loaded the old rows."""
+        """A digest of every row the dataset holds: the build's identity in its manifest, card,
+        publish tag and the cards of models fine-tuned on it."""
         digest = hashlib.sha256()
         for shard in range(num_shards):
             for name, rows in self.derive(spec, shard).items():
@@ -178,16 +227,27 @@ class BuildDir:
         counts = dict.fromkeys(CONFIGS, 0)
         for shard in range(num_shards):
             for name, rows in self.derive(spec, shard).items():
-                files[name].append(self.write_rows(name, rows, data_file(name, shard, num_shards, fingerprint)))
+                files[name].append(self.write_rows(name, rows, data_file(name, shard, rows)))
                 counts[name] += len(rows)
-        files["rejected"].append(self.write_rows("rejected", rejected, data_file("rejected", 0, 1, fingerprint)))
+        files["rejected"].append(self.write_rows("rejected", rejected, data_file("rejected", 0, rejected)))
         counts["rejected"] = len(rejected)
-        manifest = build_manifest(spec, self.summaries(num_shards), rejected, files, counts) | {"fingerprint": fingerprint}
+        summaries = self.summaries(num_shards)
+        manifest = build_manifest(spec, summaries, rejected, files, counts) | {
+            "fingerprint": fingerprint,
+            "increments": [
+                {
+                    "date": i["date"],
+                    "problems_added": i["problems_added"],
+                    "rows_added": sum(s.accepted for s in summaries[slice(*i["shards"])]),
+                }
+                for i in self.increments()
+            ],
+        }
         write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         write_text(self.root / "README.md", dataset_card(spec, manifest))
         written = {name for names in files.values() for name in names}
         for config in CONFIGS:  # only files the factory names, never a user's own
-            for stale in (self.root / "data" / config).glob("train-?????-of-?????-*.parquet"):
+            for stale in (self.root / "data" / config).glob(DATA_FILE_GLOB):
                 if stale.relative_to(self.root).as_posix() not in written:
                     stale.unlink()
         return manifest
@@ -252,6 +312,11 @@ pass: {label_source} score at least {label_threshold} nats, a true equation, and
 the gold answer reached.
 
 Rejected rows: {rejected}. Filtered traces: {filtered}. Mean forward passes per trace: {mean_nfe}.
+Fingerprint (a digest of every row): `{fingerprint}`.
+
+Increments (each run that added problems to this build; earlier rows never change):
+
+{increments}
 Configs with no rows, left out of `configs` because `datasets` cannot load an empty config: {empty}.
 
 ```python
@@ -278,10 +343,11 @@ def size_category(rows: int) -> str:
 
 
 def dataset_card(spec: BuildSpec, manifest: dict) -> str:
-    """`datasets` cannot load a config whose files hold no rows at all, so only configs with rows are listed."""
+    """`datasets` cannot load a config whose files hold no rows at all, so only configs with rows are
+    listed. Each config names its files one by one: `datasets` caches a local dataset by its card, so a
+    card that changes with the files keeps a rebuilt or grown directory from loading the old rows."""
     listed = [name for name in CONFIGS if name not in manifest["empty_configs"]]
-    pattern = "data/{}/train-*-" + manifest["fingerprint"] + ".parquet"
-    configs = [{"config_name": name, "data_files": [{"split": "train", "path": pattern.format(name)}]} for name in listed]
+    configs = [{"config_name": name, "data_files": [{"split": "train", "path": manifest["files"][name]}]} for name in listed]
     if configs:
         configs[0]["default"] = True
     metadata = {"task_categories": ["text-generation"], "tags": CARD_TAGS, "size_categories": [size_category(manifest["accepted"])]}
@@ -294,6 +360,10 @@ def dataset_card(spec: BuildSpec, manifest: dict) -> str:
         filtered=manifest["filtered"]["by_reason"] or "none",
         mean_nfe=f"{manifest['mean_nfe']:.1f}" if manifest["mean_nfe"] is not None else "n/a",
         empty=", ".join(manifest["empty_configs"]) or "none",
+        fingerprint=manifest["fingerprint"],
+        increments="\n".join(
+            f"- {i['date']}: {i['problems_added']} problems, {i['rows_added']} traces accepted" for i in manifest["increments"]
+        ),
         spec_yaml=spec.to_yaml(),
     )
     return f"---\n{front}---\n{body}"

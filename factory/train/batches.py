@@ -13,7 +13,7 @@ import torch
 from factory.core.template import ReasoningTemplate, TemplateError
 from factory.synthetic import problems as synthetic
 from factory.synthetic.problems import SyntheticProblem
-from factory.train.layouts import LAYOUTS, Canvas, Masking
+from factory.train.layouts import LAYOUTS, Canvas, Masking, mix_weights
 
 # Corruptions a training row may carry: each leaves a wrong step the model must not copy.
 TRAIN_KINDS = ("slip_recomputed", "wrong_operand", "wrong_operation")
@@ -108,3 +108,55 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tenso
     """The weighted cross-entropy of a collated batch (see `collate`)."""
     ce = torch.nn.functional.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
     return (ce * weights[masked]).sum() / (targets.shape[0] * n_response)
+
+
+class SyntheticBatches:
+    """The embedded model's own objective: batches of generated problems, rows depending only on
+    (seed, step); a copy warm-up grows the problems from one step, and drill batches pack one step of
+    several problems under a short question, results masked."""
+
+    def __init__(
+        self, template: ReasoningTemplate, seed: int, mix: dict[str, float], step_weights: list[float], filler_weight: float = 1.0
+    ):
+        self.template, self.seed, self.weights, self.step_weights = template, seed, mix_weights(mix), step_weights
+        self.filler_weight = filler_weight
+        self.config = synthetic.SyntheticConfig(1, 6)
+
+    def _problem(self, rng: random.Random, max_steps: int | None) -> synthetic.SyntheticProblem:
+        """A problem of 1..max_steps steps in the copy warm-up, else drawn by the step weights."""
+        steps = rng.randint(1, max_steps) if max_steps else rng.choices(range(1, 7), weights=self.step_weights)[0]
+        return synthetic.make_problem(rng, steps, self.config)
+
+    def example(self, rng: random.Random, max_steps: int | None) -> Example:
+        problem = self._problem(rng, max_steps)
+        return Example(problem.question, problem.steps, str(problem.answer), problem)
+
+    def row(self, rng: random.Random, warmup_max_steps: int | None = None) -> Row:
+        """One canvas and its masking, the layout drawn by the mix (uniform over the reasoning in warm-up)."""
+        warmup = warmup_max_steps is not None
+        return make_row(self.template, rng, lambda rng: self.example(rng, warmup_max_steps), self.weights, warmup)
+
+    def drill_row(self, rng: random.Random) -> Row:
+        """Arithmetic drill: one step from each of several problems packed into one reasoning region
+        under a short question, results masked: many facts in a row shorter than a problem's. One
+        step per problem, so no visible step names another's result."""
+        tpl, steps = self.template, []
+        question = tpl.encode_question("How many" + self._problem(rng, None).question.split("How many")[-1])
+        for _ in range(12):  # keep adding steps while they fit
+            candidate = [*steps, rng.choice(self._problem(rng, None).steps)]
+            try:
+                tpl.encode_reasoning(candidate)
+            except TemplateError:
+                continue
+            steps = candidate
+        reasoning = tpl.encode_reasoning(steps)
+        ids = tpl.canvas(question, reasoning, tpl.encode_answer(steps[-1].split(" = ")[1]))
+        masked = LAYOUTS["results"].mask(Canvas(tpl, ids, reasoning), rng).masked
+        return ids, Masking(masked, masked)
+
+    def batch(self, step: int, size: int, warmup_max_steps: int | None = None, drill: bool = False):
+        rng = random.Random(f"train:{self.seed}:{step}")
+        warmup = warmup_max_steps is not None
+
+        rows = [self.drill_row(rng) if drill else self.row(rng, warmup_max_steps) for _ in range(size)]
+        return collate(self.template, rows, warmup, self.filler_weight)

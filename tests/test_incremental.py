@@ -1,0 +1,115 @@
+"""Incremental builds: a source that grows is sampled only for its new problems; what was built never changes."""
+
+import json
+import random
+from functools import partial
+
+import pyarrow.parquet as pq
+import pytest
+
+from factory.build.command import build
+from factory.build.output import BuildError
+from factory.build.runner import run_in_process
+from factory.build.spec import validate_spec
+from factory.synthetic.problems import SyntheticConfig, generate
+
+
+def write_source(path, problems) -> None:
+    path.write_text("".join(json.dumps({"question": p.question, "answer": str(p.answer)}) + "\n" for p in problems))
+
+
+def spec_for(source, out, **sections):
+    spec = {
+        "source": {"kind": "local", "path": str(source)},
+        "sampler": {"k": 2},
+        "filters": {"answer_match": False, "step_labels": False, "min_steps": 0},
+        "output": {"dir": str(out), "shard_size": 4},
+    }
+    return validate_spec({**spec, **sections})
+
+
+def files(out) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "data").rglob("*.parquet") if "rejected" not in p.parts}
+
+
+def run(spec, adapter, runner=None) -> tuple[dict, list]:
+    sampled = []
+    runner = runner or partial(run_in_process, adapter=adapter)
+    manifest = build(spec, log=lambda _: None, on_shard=lambda r: sampled.append(r.sampled), runner=runner)
+    return manifest, sampled
+
+
+@pytest.fixture
+def pool():
+    return generate(13, seed=21, config=SyntheticConfig(2, 3))
+
+
+def test_a_grown_source_samples_only_its_new_problems_and_old_rows_stay_byte_identical(tmp_path, tiny_adapter, pool):
+    source, out = tmp_path / "pool.jsonl", tmp_path / "out"
+    write_source(source, pool[:10])
+    first, sampled = run(spec_for(source, out), tiny_adapter)
+    assert sum(sampled) == 20 and first["problems"] == 10
+    before = files(out)
+    shuffled = pool[:10] + pool[:2]  # 30% more problems, the old ones moved and two of them repeated
+    shuffled += pool[10:]
+    random.Random(0).shuffle(shuffled)
+    write_source(source, shuffled)
+    grown, sampled = run(spec_for(source, out), tiny_adapter)
+    assert sum(sampled) == 3 * 2  # k traces for each new problem, none for an old one
+    assert grown["problems"] == 13 and grown["traces_sampled"] == 26
+    after = files(out)
+    assert {name: after[name] for name in before} == before  # every earlier data file, name and bytes
+    assert grown["rejected"]["by_reason"] == {"duplicate_problem": 2}
+    assert [i["problems_added"] for i in grown["increments"]] == [10, 3]
+    assert [i["rows_added"] for i in grown["increments"]] == [first["accepted"], grown["accepted"] - first["accepted"]]
+    card = (out / "README.md").read_text()
+    assert f"3 problems, {grown['accepted'] - first['accepted']} traces accepted" in card
+
+    again, sampled = run(spec_for(source, out), tiny_adapter)  # nothing new: nothing sampled, nothing rewritten
+    assert sampled == [] and files(out) == after and again["increments"] == grown["increments"]
+
+
+def test_no_problem_is_sampled_twice_across_increments(tmp_path, tiny_adapter, pool):
+    source, out = tmp_path / "pool.jsonl", tmp_path / "out"
+    write_source(source, pool[:6])
+    run(spec_for(source, out), tiny_adapter)
+    write_source(source, pool[3:] + pool[:3])
+    run(spec_for(source, out), tiny_adapter)
+    rows = [
+        r
+        for config in ("traces", "filtered")
+        for path in (out / "data" / config).glob("*.parquet")
+        for r in pq.read_table(path).to_pylist()
+    ]
+    assert len(rows) == 13 * 2 and len({r["trace_id"] for r in rows}) == 26
+    assert sorted({r["problem_id"] for r in rows}) == sorted(p.to_record().problem_id for p in pool)
+
+
+def test_a_killed_incremental_run_resumes_to_exactly_the_rows_of_an_uninterrupted_one(tmp_path, tiny_adapter, pool):
+    source = tmp_path / "pool.jsonl"
+
+    def killed_after_one_shard(spec, shards):
+        runner = run_in_process(spec, shards, adapter=tiny_adapter)
+        yield next(runner)
+        raise KeyboardInterrupt  # the driver dies with the second new shard in flight
+
+    write_source(source, pool[:4])
+    run(spec_for(source, tmp_path / "a"), tiny_adapter)
+    run(spec_for(source, tmp_path / "b"), tiny_adapter)
+    write_source(source, pool)  # 9 new problems: three shards of 4
+    with pytest.raises(KeyboardInterrupt):
+        run(spec_for(source, tmp_path / "a"), tiny_adapter, runner=killed_after_one_shard)
+    resumed, sampled = run(spec_for(source, tmp_path / "a"), tiny_adapter)
+    assert sum(sampled) == (9 - 4) * 2  # only the two shards the kill left undone
+    reference, _ = run(spec_for(source, tmp_path / "b"), tiny_adapter)
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert resumed["fingerprint"] == reference["fingerprint"]
+    assert [i["problems_added"] for i in resumed["increments"]] == [4, 9]
+
+
+def test_another_spec_or_code_never_mixes_into_a_build_and_says_how_to_start_a_new_version(tmp_path, tiny_adapter, pool):
+    source, out = tmp_path / "pool.jsonl", tmp_path / "out"
+    write_source(source, pool[:4])
+    run(spec_for(source, out), tiny_adapter)
+    with pytest.raises(BuildError, match=r"spec_hash .* start a new version with another --output \(e.g. out-v2\)"):
+        run(spec_for(source, out, seed=3), tiny_adapter)
