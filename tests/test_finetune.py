@@ -14,6 +14,7 @@ from factory.build.command import build
 from factory.build.runner import run_in_process
 from factory.build.spec import validate_spec
 from factory.models.adapter import ModelAdapter
+from factory.models.embedded import EMBEDDED_MODEL_DIR
 from factory.synthetic.problems import SyntheticConfig, generate
 from factory.train import finetune as ft
 from factory.train.batches import Example, collate, make_row, masked_loss, response_slots
@@ -179,3 +180,52 @@ def test_inputs_that_cannot_be_trained_on_stop_with_one_line_before_training(tin
     # a layout that needs the generator's structure, which a build's traces lack
     structural = ft.FinetuneConfig(steps=1, mix={"corrupted": 1.0})
     assert "need a synthetic problem's structure" in error([(str(tiny_build), 1.0)], run_config=structural)
+
+
+def test_bench_finetune_runs_every_arm_and_the_second_round_from_one_base(tmp_path):
+    """The benchmark's plumbing on a tiny model: every arm trains the same steps from the same base and is
+    scored on the same held-out problems; a rerun finds every stage done."""
+    from factory.lab import finetune as bench
+
+    config = ft.FinetuneConfig(steps=2, batch_size=2, warmup=1, checkpoint_every=2, precision="fp32")
+    logs = []
+    base = EMBEDDED_MODEL_DIR  # a model whose traces pass the build's filters
+    report = bench.bench_finetune(
+        tmp_path, base, pool=6, n=4, seed=1, arms=bench.ARMS, config=config, k=1, log=logs.append, runner=run_in_process
+    )
+    arms = report["arms"]
+    assert list(arms) == ["base", *bench.ARMS, "posterior_round2"] and report["held_out"] == 4
+    scored = {name: a for name, a in arms.items() if "accuracy" in a}  # an arm with no traces is reported, not trained
+    assert set(arms) - set(scored) <= {"rejection"} and all(arms[name]["traces"] == 0 for name in set(arms) - set(scored))
+    assert all(a["n"] == 4 and a["ci95"][0] <= a["accuracy"] <= a["ci95"][1] for a in scored.values())
+    assert arms["gold"]["traces"] == 6 and arms["gold+posterior"]["traces"] == arms["gold"]["traces"] + arms["posterior"]["traces"]
+    assert arms["unfiltered"]["traces"] >= arms["posterior"]["traces"]
+    assert all(json.loads((tmp_path / f"arm_{a}" / "checkpoint" / "state.json").read_text())["step"] == 2 for a in scored if a != "base")
+    table = bench.finetune_markdown(report, "plot.png")
+    header = next(line for line in table.splitlines() if line.startswith("| arm"))
+    assert header.split("|")[2].strip() == "accuracy"  # the first numeric column
+    again = bench.bench_finetune(tmp_path, base, 6, 4, 1, bench.ARMS, config, k=1, log=logs.append, runner=run_in_process)
+    assert again["arms"] == arms
+
+
+def test_a_kill_mid_checkpoint_swap_resumes_from_the_whole_previous_checkpoint(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    assert ft.latest_checkpoint(checkpoint) is None
+    old = tmp_path / "checkpoint.old"  # killed after the old checkpoint moved aside, before the new one moved in
+    old.mkdir()
+    (old / "state.json").write_text(json.dumps({"step": 100, "history": []}))
+    (tmp_path / "checkpoint.tmp").mkdir()  # a half-written new one is never taken
+    assert ft.latest_checkpoint(checkpoint) == old
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text(json.dumps({"step": 200, "history": []}))
+    assert ft.latest_checkpoint(checkpoint) == checkpoint
+
+
+def test_settings_that_cannot_train_are_refused_in_one_line():
+    for bad, message in (
+        ({"checkpoint_every": 0}, "checkpoint_every must be >= 1"),
+        ({"lr": 0}, "lr must be > 0"),
+        ({"steps": 0}, "steps"),
+    ):
+        with pytest.raises(ft.FinetuneError, match=message):
+            ft.FinetuneConfig(**bad)

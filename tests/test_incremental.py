@@ -6,12 +6,15 @@ from functools import partial
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from factory.build.command import build
 from factory.build.output import BuildError
 from factory.build.runner import run_in_process
 from factory.build.spec import validate_spec
 from factory.synthetic.problems import SyntheticConfig, generate
+
+torch.set_num_threads(1)  # tiny models: more threads only contend
 
 
 def write_source(path, problems) -> None:

@@ -1,8 +1,7 @@
 """The output directory of a build: resumable shard parts, then a Hugging Face dataset.
 
     OUT/_build/spec.json                  the spec and its hash; a rerun with another spec is refused
-    OUT/_build/increments.json            each run that added problems: date, problems added, its shards
-    OUT/_build/shards/00003.plan.json        the problems of shard 3, written before it runs
+    OUT/_build/shards/00003.plan.json        the problems of shard 3 and the increment that added them, written before it runs
     OUT/_build/shards/00003.traces.parquet   accepted traces of shard 3
     OUT/_build/shards/00003.filtered.parquet the shard's other traces, each with its filter_reason
     OUT/_build/shards/00003.done.json        its completion marker (a ShardSummary), written after the part
@@ -161,36 +160,34 @@ class BuildDir:
         for leftover in self.root.rglob(f".*{TMP_MARK}*"):  # from a build killed mid-write
             leftover.unlink()
 
-    def planned(self) -> dict[int, list[Problem]]:
-        """Every shard planned so far and its problems."""
-        plans = sorted(self.shards.glob("*.plan.json"))
-        return {int(p.name.split(".")[0]): [Problem.model_validate(r) for r in json.loads(p.read_text())] for p in plans}
+    def plans(self) -> dict[int, dict]:
+        """Every shard planned so far: {shard: {"increment", "date", "problems"}}."""
+        return {int(p.name.split(".")[0]): json.loads(p.read_text()) for p in sorted(self.shards.glob("*.plan.json"))}
 
     def plan(self, problems: list[Problem], shard_size: int) -> tuple[dict[int, list[Problem]], int]:
         """Plan the problems no shard holds yet as new shards after the existing ones, each written
         before it runs (so a killed run redoes exactly those shards); returns every shard's problems
-        and how many were added. Problems are known by content: a row that moved or repeats is none."""
-        planned = self.planned()
-        known = {p.problem_id for shard in planned.values() for p in shard}
+        and how many were added. Problems are known by content: a row that moved or repeats is none.
+        Each plan names its increment, so the increments are read back from the plans alone."""
+        plans = self.plans()
+        known = {p["problem_id"] for plan in plans.values() for p in plan["problems"]}
         new = [p for p in problems if p.problem_id not in known]
-        first = max(planned, default=-1) + 1
-        chunks = plan_shards(new, shard_size)
-        for shard, chunk in enumerate(chunks, start=first):
-            write_text(self.plan_file(shard), json.dumps([p.model_dump(mode="json") for p in chunk]))
-            planned[shard] = chunk
-        if new:
-            increments = self.increments()
-            shards = [first, first + len(chunks)]
-            increments.append({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "problems_added": len(new), "shards": shards})
-            write_text(self.increments_file, json.dumps(increments, indent=1))
-        return planned, len(new)
+        first = max(plans, default=-1) + 1
+        increment = max((plan["increment"] for plan in plans.values()), default=-1) + 1
+        date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for shard, chunk in enumerate(plan_shards(new, shard_size), start=first):
+            plans[shard] = {"increment": increment, "date": date, "problems": [p.model_dump(mode="json") for p in chunk]}
+            write_text(self.plan_file(shard), json.dumps(plans[shard]))
+        return {shard: [Problem.model_validate(p) for p in plan["problems"]] for shard, plan in plans.items()}, len(new)
 
-    @property
-    def increments_file(self) -> Path:
-        return self.root / "_build" / "increments.json"
-
-    def increments(self) -> list[dict]:
-        return json.loads(self.increments_file.read_text()) if self.increments_file.exists() else []
+    def increments(self, summaries: list[ShardSummary]) -> list[dict]:
+        """Each run that added problems: its date, the problems it added and the traces they gave."""
+        grouped: dict[int, dict] = {}
+        for shard, plan in self.plans().items():
+            entry = grouped.setdefault(plan["increment"], {"date": plan["date"], "problems_added": 0, "rows_added": 0})
+            entry["problems_added"] += len(plan["problems"])
+            entry["rows_added"] += summaries[shard].accepted
+        return [grouped[i] for i in sorted(grouped)]
 
     def done_shards(self) -> set[int]:
         return {int(p.name.split(".")[0]) for p in self.shards.glob("*.done.json")}
@@ -232,19 +229,11 @@ class BuildDir:
         files["rejected"].append(self.write_rows("rejected", rejected, data_file("rejected", 0, rejected)))
         counts["rejected"] = len(rejected)
         summaries = self.summaries(num_shards)
-        manifest = build_manifest(spec, summaries, rejected, files, counts) | {
-            "fingerprint": fingerprint,
-            "increments": [
-                {
-                    "date": i["date"],
-                    "problems_added": i["problems_added"],
-                    "rows_added": sum(s.accepted for s in summaries[slice(*i["shards"])]),
-                }
-                for i in self.increments()
-            ],
-        }
-        write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        manifest = build_manifest(spec, summaries, rejected, files, counts)
+        manifest |= {"fingerprint": fingerprint, "increments": self.increments(summaries)}
+        # The card first, the manifest last: a finished manifest always has its card (publish reads both).
         write_text(self.root / "README.md", dataset_card(spec, manifest))
+        write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         written = {name for names in files.values() for name in names}
         for config in CONFIGS:  # only files the factory names, never a user's own
             for stale in (self.root / "data" / config).glob(DATA_FILE_GLOB):
@@ -253,7 +242,10 @@ class BuildDir:
         return manifest
 
     def write_rows(self, config: str, rows: list, name: str) -> str:
-        write_parquet(self.root / name, to_table(rows, CONFIGS[config]))
+        """A data file is named by its rows' digest, so one that exists already holds these rows: it is
+        left as it is (its bytes never change, whatever writes Parquet today)."""
+        if not (self.root / name).exists():
+            write_parquet(self.root / name, to_table(rows, CONFIGS[config]))
         return name
 
 

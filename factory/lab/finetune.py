@@ -64,13 +64,13 @@ def history_checkpoint(commit: str, dest: Path) -> Path:
     return dest
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
     """95% Wilson interval of a proportion."""
     if n == 0:
-        return (0.0, 0.0)
+        return [0.0, 0.0]
     p, denom = correct / n, 1 + z * z / n
     centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (round(centre - half, 4), round(centre + half, 4))
+    return [round(centre - half, 4), round(centre + half, 4)]
 
 
 def cached(path: Path, compute: Callable[[], dict | list]) -> dict | list:
@@ -119,7 +119,7 @@ def rejection_traces(model_dir: Path, problems, k: int, seed: int) -> list[dict]
     return kept
 
 
-def posterior_build(model_dir: Path, out: Path, pool: int, seed: int, k: int, log) -> Path:
+def posterior_build(model_dir: Path, out: Path, pool: int, seed: int, k: int, log, runner=None) -> Path:
     """`factory build` of the pool with the model: default spec but for source, model and output."""
     spec = validate_spec(
         {
@@ -130,7 +130,7 @@ def posterior_build(model_dir: Path, out: Path, pool: int, seed: int, k: int, lo
         }
     )
     if not (out / "manifest.json").exists():
-        build(spec, log=log)
+        build(spec, log=log, runner=runner)
     return out
 
 
@@ -138,7 +138,12 @@ def build_examples(out: Path, configs: tuple[str, ...], tokenizer) -> ft.BuildDa
     """A build's rows of the given configs as one source (`traces` and `filtered` share a schema)."""
     import datasets
 
-    data, template = ft.load_build(str(out), "traces", 1.0, tokenizer)
+    try:
+        data, template = ft.load_build(str(out), "traces", 1.0, tokenizer)
+    except ft.FinetuneError:  # a build that kept nothing: an arm with no traces
+        if "filtered" not in configs:
+            return ft.BuildData(str(out), "traces", 1.0, None, None, [])
+        raise
     for config in configs:
         if config != "traces":
             for row in datasets.load_dataset(str(out), config, split="train"):
@@ -187,8 +192,11 @@ def bench_finetune(
     config: ft.FinetuneConfig,
     k: int = 2,
     second_round: bool = True,
+    check_rule: bool = False,
     log=print,
+    runner=None,
 ) -> dict:
+    """Every arm's held-out accuracy; `runner` runs the posterior builds (default: Ray)."""
     pool_problems = synthetic.generate(pool, seed, synthetic.SyntheticConfig(2, 4))
     seen = {p.question for p in pool_problems}
     held_out = [p for p in synthetic.generate(2 * n, seed + 1, synthetic.SyntheticConfig(2, 4)) if p.question not in seen][:n]
@@ -200,7 +208,7 @@ def bench_finetune(
 
     sources: dict[str, list[ft.BuildData]] = {"gold": [gold_source(pool_problems)], "no_new_data": []}
     if {"posterior", "gold+posterior", "unfiltered"} & set(arms):
-        built = posterior_build(base, work / "build_posterior", pool, seed, k, log)
+        built = posterior_build(base, work / "build_posterior", pool, seed, k, log, runner)
         sources["posterior"] = [build_examples(built, ("traces",), tokenizer)]
         sources["gold+posterior"] = sources["gold"] + sources["posterior"]
         sources["unfiltered"] = [build_examples(built, ("traces", "filtered"), tokenizer)]
@@ -210,6 +218,10 @@ def bench_finetune(
         sources["rejection"] = [ft.BuildData("rejection sampling", "traces", 1.0, None, None, examples)]
 
     for arm in arms:
+        if arm != "no_new_data" and not any(source.examples for source in sources[arm]):
+            results[arm] = {"traces": 0}  # nothing to train on: reported, not trained
+            log(f"[bench finetune] {arm}: no traces")
+            continue
         model_dir = train_arm(arm, base, work / f"arm_{arm}", sources[arm], config, log)
         results[arm] = cached(work / "eval" / f"{arm}.json", lambda model_dir=model_dir: accuracy(model_dir, held_out))
         questions = {e.question for s in sources[arm] for e in s.examples}
@@ -218,7 +230,7 @@ def bench_finetune(
 
     if second_round and "posterior" in arms:
         first = work / "arm_posterior"
-        built = posterior_build(first, work / "build_round2", pool, seed, k, log)
+        built = posterior_build(first, work / "build_round2", pool, seed, k, log, runner)
         round2 = [build_examples(built, ("traces",), tokenizer)]
         model_dir = train_arm("posterior_round2", first, work / "arm_posterior_round2", round2, config, log)
         results["posterior_round2"] = cached(work / "eval" / "posterior_round2.json", lambda: accuracy(model_dir, held_out))
@@ -226,6 +238,15 @@ def bench_finetune(
             "traces": len(round2[0].examples),
             "coverage_of_base_wrong": coverage({e.question for e in round2[0].examples}, wrong),
         }
+    if check_rule:  # the eval rule against left-to-right decoding, on the base and the posterior arm
+        left_to_right = ("left_to_right", {})
+        for arm in ("base", "posterior"):
+            model_dir = base if arm == "base" else work / "arm_posterior"
+            if arm in results and model_dir.exists():
+                path = work / "eval" / f"{arm}_left_to_right.json"
+                results[arm]["left_to_right"] = cached(path, lambda model_dir=model_dir: accuracy(model_dir, held_out, left_to_right))[
+                    "accuracy"
+                ]
     return {
         "base_model": str(base),
         "pool": len(pool_problems),
@@ -240,12 +261,16 @@ def bench_finetune(
 def finetune_markdown(report: dict, plot_name: str) -> str:
     rows = []
     for name, r in report["arms"].items():
+        if "accuracy" not in r:
+            rows.append({"arm": name, "traces": r.get("traces", 0)})
+            continue
         cov = r.get("coverage_of_base_wrong") or {}
         by = r["accuracy_by_steps"]
         rows.append(
             {
                 "arm": name,
                 "accuracy": r["accuracy"],
+                "left to right": r.get("left_to_right", ""),
                 "95% CI": f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}",
                 **{f"{s} steps": by.get(s) for s in ("2", "3", "4")},
                 "traces": r.get("traces", ""),
@@ -253,7 +278,7 @@ def finetune_markdown(report: dict, plot_name: str) -> str:
             }
         )
     s = report["settings"]
-    columns = ["arm", "accuracy", "95% CI", "2 steps", "3 steps", "4 steps", "traces", "base-wrong problems with a trace"]
+    columns = ["arm", "accuracy", "left to right", "95% CI", "2 steps", "3 steps", "4 steps", "traces", "base-wrong problems with a trace"]
     return (
         "## Fine-tuning on the factory's data\n\n"
         f"`factory bench finetune --pool {report['pool']} --n {report['held_out']} --seed {report['seed']}`"
@@ -269,7 +294,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["arms"])
+    names = [name for name, r in report["arms"].items() if "accuracy" in r]
     acc = [report["arms"][a]["accuracy"] for a in names]
     low = [a - report["arms"][n]["ci95"][0] for a, n in zip(acc, names)]
     high = [report["arms"][n]["ci95"][1] - a for a, n in zip(acc, names)]
@@ -295,6 +320,7 @@ def cli_bench_finetune(argv: list[str]) -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--k", type=int, default=2, help="traces per problem for the posterior and rejection arms")
     ap.add_argument("--no-second-round", action="store_true")
+    ap.add_argument("--check-rule", action="store_true", help="also decode the base and the posterior arm left to right")
     defaults = ft.FinetuneConfig()
     ap.add_argument("--steps", type=int, default=defaults.steps)
     ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -310,7 +336,9 @@ def cli_bench_finetune(argv: list[str]) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, mix=mix, checkpoint_every=100, seed=args.seed
     )
     random.seed(args.seed)
-    report = bench_finetune(args.work, base, args.pool, args.n, args.seed, tuple(args.arms), config, args.k, not args.no_second_round)
+    report = bench_finetune(
+        args.work, base, args.pool, args.n, args.seed, tuple(args.arms), config, args.k, not args.no_second_round, args.check_rule
+    )
     emit(report, args.json)
     image = args.docs.parent / "finetune_arms.png"
     plot(report, image)

@@ -70,6 +70,8 @@ def read_build(out_dir: str | Path) -> FinishedBuild:
             f"{root} is not a finished build: {len(missing)} file(s) it lists are missing, first {missing[0]}; rerun the build"
         )
     check_card(root / CARD, data)
+    if manifest.get("fingerprint") and manifest["fingerprint"] not in (root / CARD).read_text():
+        raise PublishError(f"{root}: {CARD} is not the card of this manifest's build {manifest['fingerprint']}; rerun the build")
     return FinishedBuild(root, manifest, [CARD, MANIFEST, *data])
 
 
@@ -290,8 +292,9 @@ def commit(api: HfApi, build: FinishedBuild, plan: PublishPlan) -> tuple[str, st
         )
     except HfHubHTTPError as err:
         if err.response is not None and err.response.status_code == 412:
+            read_at = (plan.parent_commit or "its creation")[:12]
             raise PublishError(
-                f"the branch {plan.branch} of {plan.repo_id} moved since this publish read it at {plan.parent_commit[:12]} "
+                f"the branch {plan.branch} of {plan.repo_id} moved since this publish read it at {read_at} "
                 "(someone else committed); nothing was committed; rerun publish"
             ) from None
         raise PublishError(f"committing to {plan.repo_id}@{plan.branch} failed: {' '.join(str(err).split())}") from None

@@ -16,6 +16,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -68,6 +69,15 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     seed: int = 0
     filler_weight: float = 1.0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.warmup < 0:
+            raise FinetuneError(f"lr must be > 0 and warmup >= 0, got lr {self.lr}, warmup {self.warmup}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise FinetuneError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 # ---- reading builds ------------------------------------------------------------------------------
@@ -242,9 +252,10 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint, start, history = output / "checkpoint", 0, []
-    if (checkpoint / "state.json").exists():
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "state.json").read_text())
+    resume = latest_checkpoint(checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        state = json.loads((resume / "state.json").read_text())
         start, history = state["step"], state["history"]
         log(f"[finetune] resumed at step {start}")
     n_response = response_slots(template)
@@ -283,20 +294,29 @@ def train(
 
 
 def save_checkpoint(accelerator, checkpoint: Path, step: int, history: list[dict]) -> None:
-    """Written beside the last one, then renamed over it: a kill leaves the old or the new, whole."""
-    fresh = checkpoint.with_name(checkpoint.name + ".tmp")
+    """Written beside the last one, then swapped in: a kill at any moment leaves a whole checkpoint at
+    `checkpoint` or, mid-swap, at its `.old` twin (`latest_checkpoint` takes either)."""
+    fresh, old = (checkpoint.with_name(checkpoint.name + suffix) for suffix in (".tmp", ".old"))
     accelerator.save_state(str(fresh))
+    accelerator.wait_for_everyone()  # every process has written its part before the swap
     if accelerator.is_main_process:
         (fresh / "state.json").write_text(json.dumps({"step": step, "history": history}))
-        old = checkpoint.with_name(checkpoint.name + ".old")
         if checkpoint.exists():
+            if old.exists():
+                shutil.rmtree(old)
             checkpoint.rename(old)
         fresh.rename(checkpoint)
         if old.exists():
-            import shutil
-
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(checkpoint: Path) -> Path | None:
+    """The whole checkpoint to resume from, if any."""
+    for path in (checkpoint, checkpoint.with_name(checkpoint.name + ".old")):
+        if (path / "state.json").exists():
+            return path
+    return None
 
 
 def export(model, tokenizer, output: Path, card: str) -> None:
