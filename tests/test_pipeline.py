@@ -558,3 +558,43 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_traces(straight_build, 
     resumed = load_config(out, "traces")
     assert len({t["trace_id"] for t in resumed}) == len(resumed)
     assert by_id(out) == by_id(reference)
+
+
+def test_a_model_that_cannot_be_resolved_stops_build_and_dry_run_with_one_line(tmp_path, capsys):
+    for model_id, message in (
+        ("./models/stage9", "model.id: no such model directory './models/stage9'"),
+        ("org/never-cached", "model.id: 'org/never-cached' is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"),
+    ):
+        spec = write_spec(tmp_path / "s.yaml", small_spec(tmp_path / "out", model={"id": model_id}))
+        for extra in (["--dry-run"], []):
+            started = time.monotonic()
+            with pytest.raises(SystemExit) as exit_:
+                cli_build([str(spec), *extra])
+            assert str(exit_.value.code) == f"factory build: {message}" and time.monotonic() - started < 10
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(model_adapter.ModelNotFound, match="a directory without model weights"):
+        model_adapter.model_revision(str(tmp_path / "empty"))
+
+
+def test_an_unpinned_hub_model_records_the_commit_it_resolved_to_and_a_moved_hub_model_does_not_resume(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny"
+
+    def publish_commit(sha: str) -> None:  # what a download of the repo's main branch leaves in the cache
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        (repo / "snapshots" / sha / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(sha)
+
+    first, moved = "a" * 40, "b" * 40
+    publish_commit(first)
+    assert model_adapter.model_revision("org/tiny") == first
+    assert model_adapter.model_revision("org/tiny", "c" * 40) == "c" * 40  # a pinned commit is taken as given
+    spec = validate_spec(small_spec(tmp_path / "out", model={"id": "org/tiny"}))
+    BuildDir(tmp_path / "out").claim(spec)
+    publish_commit(moved)
+    with pytest.raises(BuildError, match=f"model_revision {first}, but this one has model_revision {moved}"):
+        BuildDir(tmp_path / "out").claim(spec)

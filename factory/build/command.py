@@ -18,6 +18,7 @@ from factory.build.runner import run_ray_build
 from factory.build.sources import SourceError, load_problems
 from factory.build.spec import BuildSpec, SpecError, load_spec
 from factory.build.stages import driver_template
+from factory.models.adapter import ModelNotFound, model_revision
 from schemas.records import Problem, ShardResult
 
 Log = Callable[[str], None]
@@ -61,6 +62,7 @@ def build(
     """Run (or resume) the build the spec describes; returns the manifest. `on_shard` sees each
     shard's result once it is written. The shards run on Ray (at `address`, else a local Ray) unless
     another `runner` is given, e.g. `runner.run_in_process`: the steps do not know their executor."""
+    check_model(spec)
     problems, rejected = load_problems(spec.source, driver_template(spec), spec.limit)
     if not problems:
         reasons = dict(Counter(r.reason for r in rejected))
@@ -86,6 +88,15 @@ def build(
     return manifest
 
 
+def check_model(spec: BuildSpec) -> None:
+    """The model must resolve before anything else runs: a typo in a path, or a Hub id this machine
+    cannot reach, is one line naming the key, not a traceback from inside Ray."""
+    try:
+        model_revision(spec.model.id, spec.model.revision)
+    except ModelNotFound as err:
+        raise BuildError(f"model.id: {err}") from None
+
+
 def summary_line(manifest: dict, root: Path) -> str:
     def mean(key: str) -> str:
         return f"{manifest[key]:.3f}" if manifest[key] is not None else "n/a"
@@ -100,6 +111,7 @@ def summary_line(manifest: dict, root: Path) -> str:
 
 def dry_run(spec: BuildSpec) -> str:
     """The resolved spec and the first problem's filled canvas, decoded: what would be built, computing nothing."""
+    check_model(spec)
     template = driver_template(spec)
     problems, rejected = load_problems(spec.source, template, spec.limit)
     lines = [f"# spec {spec.spec_hash()}", spec.to_yaml(), f"# {len(problems)} usable problems, {len(rejected)} rows rejected"]

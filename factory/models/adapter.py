@@ -9,6 +9,7 @@ Remote code runs only when the user both allows it and pins a revision.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -67,10 +68,13 @@ class ModelAdapter:
         if kind not in KINDS:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
         path, name = resolve_model(model_id)
+        pinned, recorded = revision, model_revision(model_id, revision)
+        if not Path(path).is_dir():
+            revision = recorded  # the weights come from the commit provenance records, even if the branch moves meanwhile
         raw_config, _ = PretrainedConfig.get_config_dict(path, revision=revision)
         if raw_config.get("auto_map") and not trust_remote_code:
             raise RemoteCodeRefused(f"{name} ships its own model code; set trust_remote_code=true and a pinned revision to run it")
-        if trust_remote_code and not revision:
+        if trust_remote_code and not pinned:
             raise RemoteCodeRefused(f"{name}: trust_remote_code needs a pinned revision (a commit hash), so the code that runs is known")
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         if kind == "auto":
@@ -81,7 +85,6 @@ class ModelAdapter:
         model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
         tokenizer = load_tokenizer(model_id, kind, revision, trust_remote_code)
         mask_id = tokenizer.mask_token_id
-        recorded = model_revision(model_id, revision)
         return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, recorded)
 
 
@@ -103,20 +106,58 @@ def resolve_model(model_id: str | Path | None) -> tuple[str | Path, str]:
     return model_id, str(model_id)
 
 
+class ModelNotFound(ValueError):
+    """A model id that names nothing this machine can load; the message is one line."""
+
+
 @cache
 def weights_digest(directory: Path) -> str:
     """sha256 of a local checkpoint's weight files: the revision of a model that has none."""
     digest = hashlib.sha256()
     for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as weights:  # in chunks: an 8B checkpoint's shards are GBs each
+            while chunk := weights.read(1 << 24):
+                digest.update(chunk)
     return f"sha256:{digest.hexdigest()[:12]}"
 
 
-def model_revision(model_id: str | Path | None, revision: str | None = None) -> str | None:
-    """What provenance records as the model's revision: the pinned one, else for a local checkpoint
-    (the embedded one included), which has none, its weights' digest; None for an unpinned Hub id."""
-    path, _ = resolve_model(model_id)
-    return revision or (weights_digest(Path(path)) if Path(path).is_dir() else None)
+def looks_like_path(model_id: str) -> bool:
+    """A Hub id is 'name' or 'org/name'; anything else (absolute, relative, deeper) is a local path."""
+    return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or Path(model_id).exists()
+
+
+def hub_commit(model_id: str, revision: str | None) -> str:
+    """The commit an unpinned (or branch-pinned) Hub id resolves to now: the local cache's snapshot when
+    offline (HF_HUB_OFFLINE), else the Hub's answer; one line and no retries when neither has it."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            raise ModelNotFound(f"{model_id!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
+        return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    try:
+        return HfApi().model_info(model_id, revision=revision, timeout=10).sha
+    except Exception as err:  # no network, no such repo, no access: say which, once
+        detail = " ".join(str(err).split())[:160] or type(err).__name__
+        raise ModelNotFound(f"{model_id!r} cannot be resolved on the Hub ({type(err).__name__}: {detail})") from None
+
+
+def model_revision(model_id: str | Path | None, revision: str | None = None) -> str:
+    """What provenance records as the model's revision, checked before any work: for a local
+    checkpoint (the embedded one included) its weights' digest, for a Hub id the commit it resolves
+    to (a pinned commit as given), so a resume after new weights is refused either way."""
+    path, name = resolve_model(model_id)
+    if Path(path).is_dir():
+        if not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.bin")):
+            raise ModelNotFound(f"{name!r} is a directory without model weights (*.safetensors or *.bin)")
+        return revision or weights_digest(Path(path))
+    if looks_like_path(str(path)):
+        raise ModelNotFound(f"no such model directory {name!r}")
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    return hub_commit(str(path), revision)
 
 
 def load_tokenizer(
