@@ -25,7 +25,7 @@ class Rejected(BaseModel):
 
     problem_id: str | None = Field(default=None, description="set when the row got far enough to have one")
     source: str
-    row: int = Field(description="position of the row in its source")
+    row: int = Field(description="position of the row in its source; -1 for a problem quarantined while it was sampled")
     raw: str = Field(description="the row as JSON")
     reason: str = Field(description="short machine-readable code, e.g. 'unknown_tokens'")
     detail: str
@@ -124,6 +124,7 @@ class ShardResult(ShardSummary):
 
     traces: list[TraceRow] = Field(description="the accepted traces")
     filtered_traces: list[TraceRow] = Field(description="the rest, each with its filter_reason")
+    quarantined: list[Rejected] = Field(default_factory=list, description="problems whose sampling or scoring raised, with the error")
 
     def summary(self) -> ShardSummary:
-        return ShardSummary.model_validate(self.model_dump(exclude={"traces", "filtered_traces"}))
+        return ShardSummary.model_validate(self.model_dump(exclude={"traces", "filtered_traces", "quarantined"}))

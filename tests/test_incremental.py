@@ -116,3 +116,31 @@ def test_another_spec_or_code_never_mixes_into_a_build_and_says_how_to_start_a_n
     run(spec_for(source, out), tiny_adapter)
     with pytest.raises(BuildError, match=r"spec_hash .* start a new version with another --output \(e.g. out-v2\)"):
         run(spec_for(source, out, seed=3), tiny_adapter)
+
+
+def test_a_poison_problem_is_quarantined_with_its_reason_and_the_rest_of_its_shard_lands(tmp_path, tiny_adapter, pool, monkeypatch):
+    from factory.build import stages
+
+    source, out = tmp_path / "pool.jsonl", tmp_path / "out"
+    write_source(source, pool[:6])
+    poison = pool[2].question
+    original = stages.TraceMaker.__call__
+
+    def raises_on_poison(self, problems):
+        if any(p.question == poison for p in problems):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(self, problems)
+
+    monkeypatch.setattr(stages.TraceMaker, "__call__", raises_on_poison)
+    manifest, sampled = run(spec_for(source, out), tiny_adapter)
+    assert sum(sampled) == 5 * 2 and manifest["rejected"]["by_reason"] == {"shard_error": 1}
+    rejected = pq.read_table(next((out / "data" / "rejected").glob("*.parquet"))).to_pylist()
+    assert [(r["reason"], json.loads(r["raw"])["question"]) for r in rejected] == [("shard_error", poison)]
+    assert rejected[0]["detail"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    rows = [
+        r
+        for config in ("traces", "filtered")
+        for path in (out / "data" / config).glob("*.parquet")
+        for r in pq.read_table(path).to_pylist()
+    ]
+    assert {r["question"] for r in rows} == {p.question for p in pool[:6]} - {poison}

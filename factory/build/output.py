@@ -128,6 +128,9 @@ class BuildDir:
     def filtered_part(self, shard: int) -> Path:
         return self.shards / f"{shard:05d}.filtered.parquet"
 
+    def quarantine_part(self, shard: int) -> Path:
+        return self.shards / f"{shard:05d}.quarantined.parquet"
+
     def marker(self, shard: int) -> Path:
         return self.shards / f"{shard:05d}.done.json"
 
@@ -195,7 +198,12 @@ class BuildDir:
     def write_shard(self, result: ShardResult) -> None:
         write_parquet(self.part(result.shard), to_table(result.traces, TraceRow))
         write_parquet(self.filtered_part(result.shard), to_table(result.filtered_traces, TraceRow))
+        write_parquet(self.quarantine_part(result.shard), to_table(result.quarantined, Rejected))
         write_text(self.marker(result.shard), result.summary().model_dump_json(indent=2))
+
+    def quarantined(self, num_shards: int) -> list[Rejected]:
+        parts = [self.quarantine_part(i) for i in range(num_shards)]
+        return [row for part in parts if part.exists() for row in from_table(pq.read_table(part, schema=arrow_schema(Rejected)), Rejected)]
 
     def summaries(self, num_shards: int) -> list[ShardSummary]:
         return [ShardSummary.model_validate_json(self.marker(i).read_text()) for i in range(num_shards)]
@@ -218,7 +226,9 @@ class BuildDir:
     def assemble(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> dict:
         """Write the dataset from the finished shards; returns the manifest. Data files of an
         earlier assembly are removed only after the card points at the new ones, so a kill at any
-        moment leaves a directory that loads."""
+        moment leaves a directory that loads. Problems quarantined while sampling join the source's
+        rejected rows."""
+        rejected = rejected + self.quarantined(num_shards)
         fingerprint = self.fingerprint(spec, num_shards, rejected)
         files: dict[str, list[str]] = {name: [] for name in CONFIGS}
         counts = dict.fromkeys(CONFIGS, 0)

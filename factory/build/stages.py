@@ -22,7 +22,7 @@ from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores
 from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
 from factory.models.adapter import load_tokenizer as load_model_tokenizer
-from schemas.records import Problem, ShardResult, TraceRow, WorkerInfo
+from schemas.records import Problem, Rejected, ShardResult, TraceRow, WorkerInfo
 
 # ---- identities and seeds ------------------------------------------------------------------
 
@@ -132,9 +132,33 @@ def worker_info(device: str) -> WorkerInfo:
     )
 
 
+def sample_or_quarantine(maker: TraceMaker, problems: list[Problem]) -> tuple[list[TraceRow], list[Rejected]]:
+    """The shard's traces. When the shard raises, its problems are retried one by one (a row's output
+    does not depend on its batch) and a problem that raises alone is quarantined with its error: one
+    poison row never fails a build, nor takes its shard's other problems with it."""
+    try:
+        return maker(problems), []
+    except Exception as err:
+        if len(problems) == 1:
+            return [], [quarantine(problems[0], err)]
+    traces, quarantined = [], []
+    for problem in problems:
+        try:
+            traces += maker([problem])
+        except Exception as err:
+            quarantined.append(quarantine(problem, err))
+    return traces, quarantined
+
+
+def quarantine(problem: Problem, err: BaseException) -> Rejected:
+    detail = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    raw = problem.model_dump_json()
+    return Rejected(problem_id=problem.problem_id, source=problem.source, row=-1, raw=raw, reason="shard_error", detail=detail)
+
+
 def process_shard(maker: TraceMaker, shard: int, problems: list[Problem]) -> ShardResult:
     before = dict(maker.timings)
-    traces = maker(problems)
+    traces, quarantined = sample_or_quarantine(maker, problems)
     kept, filtered = filter_traces(traces, maker.spec.filters)
     return ShardResult(
         shard=shard,
@@ -150,4 +174,5 @@ def process_shard(maker: TraceMaker, shard: int, problems: list[Problem]) -> Sha
         worker=worker_info(str(maker.adapter.device)),
         traces=kept,
         filtered_traces=filtered,
+        quarantined=quarantined,
     )
