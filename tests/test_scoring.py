@@ -1,6 +1,6 @@
 import pytest
 
-from factory.core.scoring import StepScorer, Trace, TraceScores
+from factory.core.scoring import StepScorer, Trace, TraceScores, share_canvases
 from factory.models.adapter import ModelAdapter
 from factory.synthetic.problems import SyntheticConfig, generate
 
@@ -103,3 +103,26 @@ def test_trace_aggregates():
 def test_unknown_estimator_is_refused(tiny_adapter, template):
     with pytest.raises(ValueError, match="marginal"):
         StepScorer(tiny_adapter, template, estimator="rollout")
+
+
+def test_reads_of_one_canvas_share_a_pass_and_score_as_they_would_alone(tiny_adapter, template, traces):
+    """The answer read after k steps and the operand read of step k+1 are one canvas: one row serves both,
+    and a duplicate trace costs nothing more. Every score equals the one read row by row."""
+    scorer = StepScorer(tiny_adapter, template, batch_size=64)
+    batch = [*traces, traces[0]]  # the last trace repeats the first
+    shared = scorer.score(batch)
+    for trace, scores in zip(batch, shared):
+        rows = scorer.prefix_rows(trace) + scorer.consistency_rows(trace)
+        alone = [scorer.read_unique([row])[0] for row in rows]  # one row per pass, nothing shared
+        n = len(template.step_spans(trace.reasoning_ids))
+        expected_logp = [sum(v) for v in alone[: n + 1]]
+        means = [sum(v) / len(v) for v in alone[n + 1 :]]
+        assert scores.prefix_logp == pytest.approx(expected_logp, abs=1e-4)
+        assert scores.result_consistency == pytest.approx(means[0::2], abs=1e-4)
+        assert scores.operand_consistency == pytest.approx(means[1::2], abs=1e-4)
+        assert len({tuple(canvas) for canvas, _ in rows}) == 2 * n + 1  # n + 1 prefixes and 2n reads, n of them shared
+    flat = [row for t in batch for row in scorer.prefix_rows(t) + scorer.consistency_rows(t)]
+    distinct = sum(2 * len(template.step_spans(t.reasoning_ids)) + 1 for t in traces)
+    assert len(share_canvases(flat)[0]) == distinct < len(flat)
+    assert sum(s.forward_passes for s in shared) == pytest.approx(1.0)  # one batch of 64 rows holds them all
+    assert shared[-1].forward_passes == 0 and shared[0].forward_passes > 0  # the repeat owns no pass

@@ -120,7 +120,15 @@ class StepScorer:
 
     def read_logprobs(self, rows: list[tuple[list[int], list[tuple[int, int]]]]) -> list[list[float]]:
         """Per row, the log-probabilities of its (slot, token) pairs. Slot j >= 0 is answer slot j;
-        slot -1-i is reasoning slot i."""
+        slot -1-i is reasoning slot i. Rows with the same canvas share one forward pass: the answer read
+        after k steps and the operand read of step k+1 are the same canvas (question, k steps, the
+        rest masked), and a duplicate trace repeats all of its canvases."""
+        merged, where = share_canvases(rows)
+        values = self.read_unique(merged)
+        return [values[u][offset : offset + len(pairs)] for (u, offset), (_, pairs) in zip(where, rows)]
+
+    def read_unique(self, rows: list[tuple[list[int], list[tuple[int, int]]]]) -> list[list[float]]:
+        """`read_logprobs` over rows that are all different canvases."""
         tpl = self.template
         out: list[list[float]] = []
         for start in range(0, len(rows), self.batch_size):
@@ -143,14 +151,19 @@ class StepScorer:
     def score(self, traces: list[Trace], self_consistency: bool = True) -> list[TraceScores]:
         prefix = [self.prefix_rows(t) for t in traces]
         consistency = [self.consistency_rows(t) if self_consistency else [] for t in traces]
-        flat = [row for rows in prefix for row in rows] + [row for rows in consistency for row in rows]
-        values = iter(self.read_logprobs(flat))
-        batches = -(-len(flat) // self.batch_size) if flat else 0
-        per_row_passes = batches / max(1, len(flat))
-        prefix_values = [[next(values) for _ in rows] for rows in prefix]
-        consistency_values = [[next(values) for _ in rows] for rows in consistency]
-        results = []
-        for t, pv, cv in zip(traces, prefix_values, consistency_values):
+        flat = [row for p, c in zip(prefix, consistency) for row in p + c]
+        values = self.read_logprobs(flat)
+        # A forward pass is charged once, to the first trace that reads its canvas.
+        unique, seen, owned = len(share_canvases(flat)[0]), set(), []
+        for p, c in zip(prefix, consistency):
+            keys = {tuple(canvas) for canvas, _ in p + c} - seen
+            owned.append(len(keys))
+            seen |= keys
+        per_row_passes = (-(-unique // self.batch_size) if unique else 0) / max(1, unique)
+        results, start = [], 0
+        for t, p, c, rows_owned in zip(traces, prefix, consistency, owned):
+            pv, cv = values[start : start + len(p)], values[start + len(p) : start + len(p) + len(c)]
+            start += len(p) + len(c)
             if self.estimator == "marginal":
                 logp = [sum(v) for v in pv]
             else:
@@ -158,5 +171,20 @@ class StepScorer:
                 logp = [sum(sum(v) for v in pv[k : k + m]) for k in range(0, len(pv), m)]
             steps = [b - a for a, b in zip(logp, logp[1:])]
             means = [sum(v) / max(1, len(v)) for v in cv]
-            results.append(TraceScores(logp, steps, means[0::2], means[1::2], per_row_passes * (len(pv) + len(cv))))
+            results.append(TraceScores(logp, steps, means[0::2], means[1::2], per_row_passes * rows_owned))
         return results
+
+
+def share_canvases(rows: list[tuple[list[int], list]]) -> tuple[list[tuple[list[int], list]], list[tuple[int, int]]]:
+    """Rows merged by canvas: (one row per distinct canvas with every pair read from it, and for each
+    input row its merged row and the offset of its pairs there)."""
+    index: dict[tuple[int, ...], int] = {}
+    merged: list[tuple[list[int], list]] = []
+    where = []
+    for canvas, pairs in rows:
+        u = index.setdefault(tuple(canvas), len(merged))
+        if u == len(merged):
+            merged.append((canvas, []))
+        where.append((u, len(merged[u][1])))
+        merged[u][1].extend(pairs)
+    return merged, where
