@@ -18,6 +18,7 @@ COMMANDS = [
         "factory.lab.finetune:cli_bench_finetune",
         "SFT arms (gold, posterior, rejection, ...) from one base: held-out accuracy",
     ),
+    (("bench", "padding"), "factory.lab.padding:cli_padding", "pad tokens per forward pass, arrival order vs grouped by question length"),
     (("bench", "pipeline"), "factory.lab.pipeline:cli_pipeline", "Ray pipeline traces/s against the in-process sampler"),
 ]
 

@@ -165,3 +165,11 @@ def test_eval_command_writes_the_report(tmp_path, capsys):
     assert report["n"] == 6 and 0 <= report["accuracy"] <= 1 and report["mean_nfe"] > 0
     assert set(report["accuracy_by_steps"]) <= {"2", "3", "4"}
     assert sum(report["errors"].values()) == round(report["n"] * (1 - report["accuracy"]))  # every miss has a cause
+
+
+def test_gsm8k_like_questions_follow_gsm8ks_word_counts():
+    from factory.lab.padding import GSM8K_WORDS, gsm8k_like_questions
+
+    words = sorted(len(q.split()) for q in gsm8k_like_questions(400, seed=1))
+    assert GSM8K_WORDS["min"] <= words[0] and words[-1] <= GSM8K_WORDS["max"]
+    assert abs(words[200] - GSM8K_WORDS["median"]) <= 5 and abs(words[380] - GSM8K_WORDS["p95"]) <= 10

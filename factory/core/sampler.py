@@ -32,6 +32,9 @@ class SamplerConfig:
     early_exit_gamma: float | None = None
     exit_fill: str = "all"
     continuous: bool = True
+    # Admit requests shortest question first, so rows that decode together pad to similar lengths;
+    # no row's output depends on its batch mates, so the order changes no result, only padding.
+    group_by_length: bool = True
 
     def __post_init__(self):
         make_rule(self.rule, **self.rule_params)  # fail fast on an unknown rule name or parameter
@@ -97,7 +100,7 @@ class CanvasSampler:
         self.adapter, self.template = adapter, template
         self.config = config or SamplerConfig()
         self.rule = make_rule(self.config.rule, **self.config.rule_params)
-        self.stats = {"forward_s": 0.0, "total_s": 0.0, "forward_passes": 0}
+        self.stats = {"forward_s": 0.0, "total_s": 0.0, "forward_passes": 0, "tokens": 0, "pad_tokens": 0}
 
     # ---- public verbs --------------------------------------------------------------------
 
@@ -128,7 +131,8 @@ class CanvasSampler:
         mask_id = self.adapter.mask_id
         device = self.adapter.device
 
-        waiting = deque(enumerate(requests))
+        order = sorted(enumerate(requests), key=lambda item: len(item[1].question_ids)) if cfg.group_by_length else enumerate(requests)
+        waiting = deque(order)
         results: list[SampleResult | None] = [None] * len(requests)
         capacity = min(cfg.batch_size, len(requests))
         ids = torch.full((capacity, length), tpl.pad_id, dtype=torch.long)
@@ -162,15 +166,20 @@ class CanvasSampler:
             active = torch.tensor([o >= 0 for o in owner])
             rows = active.nonzero().squeeze(1)
             t0 = time.perf_counter()
-            batch = ids[rows]
+            # Columns that are padding in every active row are left out of the pass: the canvas is
+            # as long as the longest question decoding now, not the longest of the whole run.
+            first = int(attention[rows].argmax(1).min())
+            batch, batch_attention, batch_region = ids[rows, first:], attention[rows, first:], region - first
+            self.stats["tokens"] += batch_attention.numel()
+            self.stats["pad_tokens"] += int((batch_attention == 0).sum())
             # The [B, R, V] work stays on the model's device; only [B, R] summaries come back.
-            logits = self.adapter.logits(batch, attention[rows])[:, region.to(device)]
+            logits = self.adapter.logits(batch, batch_attention)[:, batch_region.to(device)]
             logits[..., mask_id] = float("-inf")  # committing a mask would never finish the row
             if logits.is_cuda:
                 torch.cuda.synchronize()  # so forward_s times the forward, not its launch
             self.stats["forward_s"] += time.perf_counter() - t0
             self.stats["forward_passes"] += 1
-            current = batch[:, region]
+            current = batch[:, batch_region]
             candidates = current == mask_id
             probs = logits.softmax(-1)
             row_gens = [generators[int(r)] for r in rows]
@@ -190,8 +199,8 @@ class CanvasSampler:
                     commit[settled] = candidates[settled]
                 exited[rows[settled]] = True
             current = torch.where(commit, proposal, current)
-            batch[:, region] = current
-            ids[rows] = batch
+            batch[:, batch_region] = current
+            ids[rows, first:] = batch
             steps_taken[rows] += 1
             finished = ~(current == mask_id).any(1)
             if cfg.exit_fill == "answer":
