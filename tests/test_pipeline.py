@@ -598,3 +598,38 @@ def test_an_unpinned_hub_model_records_the_commit_it_resolved_to_and_a_moved_hub
     publish_commit(moved)
     with pytest.raises(BuildError, match=f"model_revision {first}, but this one has model_revision {moved}"):
         BuildDir(tmp_path / "out").claim(spec)
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_build_is_replaced_and_every_trace_lands_exactly_once(straight_build, tmp_path, own_sessions):
+    spec_path, reference, _ = straight_build
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["output"]["shard_size"] = 1  # six shards: work is still queued when the first one lands
+    path = write_spec(tmp_path / "spec.yaml", spec)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "factory.cli", "build", str(path), "--output", str(out)]
+    driver = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    own_sessions(driver.pid)
+    deadline = time.monotonic() + 120
+    while not (markers := list(out.glob("_build/shards/*.done.json"))):
+        assert driver.poll() is None and time.monotonic() < deadline, "the build ended before any shard finished"
+        time.sleep(0.02)
+    actor_pid = int(json.loads(markers[0].read_text())["worker"]["actor"].rsplit(":", 1)[1])
+    os.kill(actor_pid, signal.SIGKILL)  # the model replica that delivered the first shard
+    output, _ = driver.communicate(timeout=180)
+    assert driver.returncode == 0, output[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["problems"] == 6 and manifest["traces_sampled"] == 12
+
+    def by_id(root: Path) -> dict:
+        rows = [t for name in ("traces", "filtered") for t in read_config(root, name)]
+        assert len({t["trace_id"] for t in rows}) == len(rows)  # every trace exactly once
+        return {t["trace_id"]: t for t in rows}
+
+    rebuilt, expected = by_id(out), by_id(reference)
+    assert {k: (t["reasoning"], t["filter_reason"]) for k, t in rebuilt.items()} == {
+        k: (t["reasoning"], t["filter_reason"]) for k, t in expected.items()
+    }
+    for key, trace in rebuilt.items():  # scored in other batches (a shard per problem here): equal up to float noise
+        assert trace["step_scores"] == pytest.approx(expected[key]["step_scores"], abs=1e-4)
+    assert len({w["actor"] for w in manifest["workers"]}) >= 2
