@@ -159,6 +159,7 @@ def test_inputs_that_cannot_be_trained_on_stop_with_one_line_before_training(tin
         return str(err.value)
 
     assert "no README.md; not a factory build directory" in error([(str(tmp_path), 1.0)])
+    assert "no such build directory" in error([(str(tmp_path / "typo"), 1.0)])
     # a build that kept nothing has no sft config
     empty = tmp_path / "empty"
     spec = build_spec(empty, filters={"min_steps": 99}, source={"kind": "synthetic", "n": 2})

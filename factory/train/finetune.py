@@ -29,7 +29,7 @@ import yaml
 
 from factory.build.spec import BuildSpec, SpecError, validate_spec
 from factory.core.template import ReasoningTemplate, TemplateError
-from factory.models.adapter import load_tokenizer, model_revision, resolve_model
+from factory.models.adapter import load_tokenizer, looks_like_path, model_revision, resolve_model
 from factory.train.batches import Example, collate, make_row, masked_loss, response_slots
 from factory.train.layouts import check_mix, mix_weights, parse_mix
 from factory.train.optim import bf16_is_fast, lr_at
@@ -90,6 +90,8 @@ def build_card(path: str) -> str:
         return local.read_text()
     if Path(path).exists():
         raise FinetuneError(f"{path}: no README.md; not a factory build directory")
+    if looks_like_path(path):
+        raise FinetuneError(f"{path}: no such build directory")
     from huggingface_hub import hf_hub_download
 
     try:
