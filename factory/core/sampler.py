@@ -100,7 +100,7 @@ class CanvasSampler:
         self.adapter, self.template = adapter, template
         self.config = config or SamplerConfig()
         self.rule = make_rule(self.config.rule, **self.config.rule_params)
-        self.stats = {"forward_s": 0.0, "total_s": 0.0, "forward_passes": 0, "tokens": 0, "pad_tokens": 0}
+        self.stats = {"forward_s": 0.0, "total_s": 0.0, "forward_passes": 0, "canvases": 0, "tokens": 0, "pad_tokens": 0}
 
     # ---- public verbs --------------------------------------------------------------------
 
@@ -170,6 +170,7 @@ class CanvasSampler:
             # as long as the longest question decoding now, not the longest of the whole run.
             first = int(attention[rows].argmax(1).min())
             batch, batch_attention, batch_region = ids[rows, first:], attention[rows, first:], region - first
+            self.stats["canvases"] += len(rows)
             self.stats["tokens"] += batch_attention.numel()
             self.stats["pad_tokens"] += int((batch_attention == 0).sum())
             # The [B, R, V] work stays on the model's device; only [B, R] summaries come back.

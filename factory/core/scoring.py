@@ -64,6 +64,7 @@ class StepScorer:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator {estimator!r} is not one of {ESTIMATORS}")
         self.adapter, self.template, self.estimator, self.batch_size = adapter, template, estimator, batch_size
+        self.stats = {"forward_passes": 0, "canvases": 0}
 
     # ---- canvases ------------------------------------------------------------------------
 
@@ -142,6 +143,8 @@ class StepScorer:
             ]
             batch_rows, positions, tokens = (torch.tensor(c) for c in zip(*read)) if read else (torch.empty(0, dtype=torch.long),) * 3
             logits = self.adapter.logits(ids, attention)
+            self.stats["forward_passes"] += 1
+            self.stats["canvases"] += len(chunk)
             # Normalise only the slots read: a full [B, L, V] log-softmax is ~26 GB at LLaDA's vocabulary.
             picked = logits[batch_rows.to(logits.device), positions.to(logits.device)].float().log_softmax(-1)
             values = iter(picked.gather(1, tokens.to(logits.device)[:, None]).squeeze(1).tolist())

@@ -58,8 +58,23 @@ def pipeline_markdown(report: dict) -> str:
         f"{report['in_process_sampler_only']['seconds']} s of the in-process run's {report['in_process']['seconds']} s; the rest "
         "is step scoring (prefix and self-consistency passes) and filtering, which the pipeline does too.\n\n"
         f"{markdown_table(runs, ['run', 'seconds', 'traces', 'traces_per_s'])}\n\n"
-        f"Ratios of traces/s:\n\n{markdown_table(ratios, ['pipeline run', *RATIO_BASES])}\n"
+        f"Ratios of traces/s:\n\n{markdown_table(ratios, ['pipeline run', *RATIO_BASES])}\n\n"
+        f"Utilisation: canvas-passes delivered (sampling and scoring rows, one per row per pass) per second over the bare forward"
+        f" pass's {report['forward_canvases_per_s']} canvases/s at batch {report['batch_size']} on the same canvases, in the same run:"
+        f" in process {report['utilisation']['in_process']}, pipeline (steady) {report['utilisation']['pipeline_steady']}.\n"
     )
+
+
+def forward_rate(maker: TraceMaker, problems: list, batch_size: int, passes: int = 5) -> float:
+    """Canvases per second of the bare forward pass at the build's batch size, on the build's canvases."""
+    template = maker.template
+    rows = [template.canvas(template.encode_question(p.question)) for p in problems]
+    ids, attention = template.collate([rows[i % len(rows)] for i in range(batch_size)])
+    maker.adapter.logits(ids, attention)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        maker.adapter.logits(ids, attention)
+    return passes * batch_size / (time.perf_counter() - t0)
 
 
 def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
@@ -74,13 +89,19 @@ def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
             f" {spec.output.shard_size} for {spec.resources.num_actors} actors; give more --problems"
         )
     maker = TraceMaker(spec)
+    canvases = {}  # shard -> canvas-passes it took (sampling and scoring rows, one per row per pass)
     t0 = time.perf_counter()
-    traces = sum(process_shard(maker, i, shard).sampled for i, shard in enumerate(shards))
+    traces = 0
+    for i, shard in enumerate(shards):
+        before = maker.sampler.stats["canvases"] + maker.scorer.stats["canvases"]
+        traces += process_shard(maker, i, shard).sampled
+        canvases[i] = maker.sampler.stats["canvases"] + maker.scorer.stats["canvases"] - before
     in_process_s, sampler_s = time.perf_counter() - t0, maker.timings["sample_s"]
-    shard_done: list[tuple[float, int]] = []  # (seconds since start, traces so far) as each shard is written
+    forward = forward_rate(maker, shards[0], spec.sampler.batch_size)
+    shard_done: list[tuple[float, int, int]] = []  # (seconds since start, traces so far, shard) as each shard is written
 
     def on_shard(result: ShardResult) -> None:
-        shard_done.append((time.perf_counter() - t0, (shard_done[-1][1] if shard_done else 0) + result.sampled))
+        shard_done.append((time.perf_counter() - t0, (shard_done[-1][1] if shard_done else 0) + result.sampled, result.shard))
 
     started_ray = connect_ray(address)
     try:
@@ -92,7 +113,8 @@ def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
             import ray
 
             ray.shutdown()
-    (ready_s, ready_traces), (last_s, _) = shard_done[spec.resources.num_actors - 1], shard_done[-1]
+    (ready_s, ready_traces, _), (last_s, _, _) = shard_done[spec.resources.num_actors - 1], shard_done[-1]
+    steady = sum(canvases[shard] for _, _, shard in shard_done[spec.resources.num_actors :])
 
     def run(seconds: float, count: int = traces) -> dict:
         return {"seconds": round(seconds, 3), "traces": count, "traces_per_s": round(count / seconds, 3)}
@@ -107,8 +129,15 @@ def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
         "problems": len(problems),
         "traces": traces,
         "num_actors": spec.resources.num_actors,
+        "batch_size": spec.sampler.batch_size,
         "torch_threads_in_process": torch.get_num_threads(),
         "first_shards_s": round(ready_s, 3),
         **runs,
+        "forward_canvases_per_s": round(forward, 1),
+        # canvas-passes delivered (sampling + scoring) over what the bare forward pass does in the same time
+        "utilisation": {
+            "in_process": round(sum(canvases.values()) / in_process_s / forward, 3),
+            "pipeline_steady": round(steady / (last_s - ready_s) / forward, 3),
+        },
         "ratios": {f"{p}/{b}": round(runs[p]["traces_per_s"] / runs[b]["traces_per_s"], 3) for p in RATIO_RUNS for b in RATIO_BASES},
     }
