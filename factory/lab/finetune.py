@@ -258,6 +258,27 @@ def bench_finetune(
     }
 
 
+# The targets, as (claim, left arm, right arm, margin): left >= right + margin.
+TARGETS = (
+    ("no new data does no harm", "no_new_data", "base", 0.0),
+    ("gold does no harm", "gold", "base", 0.0),
+    ("posterior >= gold - 1 pt", "posterior", "gold", -0.01),
+    ("gold + posterior >= gold + 1 pt", "gold+posterior", "gold", 0.01),
+    ("posterior above rejection sampling", "posterior", "rejection", 1e-9),
+    ("filtered above unfiltered", "posterior", "unfiltered", 1e-9),
+    ("a second round gains", "posterior_round2", "posterior", 1e-9),
+)
+
+
+def targets(report: dict) -> list[dict]:
+    arms, rows = report["arms"], []
+    for claim, left, right, margin in TARGETS:
+        if "accuracy" in arms.get(left, {}) and "accuracy" in arms.get(right, {}):
+            diff = arms[left]["accuracy"] - arms[right]["accuracy"]
+            rows.append({"target": claim, "difference (pt)": round(100 * diff, 1), "met": "yes" if diff >= margin else "no"})
+    return rows
+
+
 def finetune_markdown(report: dict, plot_name: str) -> str:
     rows = []
     for name, r in report["arms"].items():
@@ -284,7 +305,9 @@ def finetune_markdown(report: dict, plot_name: str) -> str:
         f"`factory bench finetune --pool {report['pool']} --n {report['held_out']} --seed {report['seed']}`"
         f" from `{report['base_model']}`: every arm {s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}, warm-up {s['warmup']},"
         f" layouts {s['mix']} (`no_new_data`: the base's own objective on generated problems). Held-out accuracy, greedy"
-        f" {report['eval_rule']}, with a 95% Wilson interval.\n\n{markdown_table(rows, columns)}\n\n![fine-tune arms]({plot_name})\n"
+        f" {report['eval_rule']}, with a 95% Wilson interval.\n\n{markdown_table(rows, columns)}\n\n"
+        f"Targets (differences of held-out accuracy; a difference inside the intervals above is not a finding):\n\n"
+        f"{markdown_table(targets(report), ['target', 'difference (pt)', 'met'])}\n\n![fine-tune arms]({plot_name})\n"
     )
 
 
