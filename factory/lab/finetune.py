@@ -275,7 +275,7 @@ def targets(report: dict) -> list[dict]:
     for claim, left, right, margin in TARGETS:
         if "accuracy" in arms.get(left, {}) and "accuracy" in arms.get(right, {}):
             diff = arms[left]["accuracy"] - arms[right]["accuracy"]
-            rows.append({"target": claim, "difference (pt)": round(100 * diff, 1), "met": "yes" if diff >= margin else "no"})
+            rows.append({"target": claim, "difference (pt)": f"{100 * diff:+.1f}", "met": "yes" if diff >= margin else "no"})
     return rows
 
 
