@@ -34,8 +34,8 @@ from factory.train.batches import Example, collate, make_row, masked_loss, respo
 from factory.train.layouts import check_mix, mix_weights, parse_mix
 from factory.train.optim import bf16_is_fast, lr_at
 
-# Measured on the stage-6 embedded model (docs/benchmarks.md, bench:finetune): plain `sft` alone erodes
-# the targeted decoding the model was trained with; this mix keeps it.
+# LLaDA's SFT loss beside the layouts a trained MDLM decodes with: uniform masking alone erodes the
+# targeted decoding a model learned. docs/benchmarks.md (bench:finetune) holds what this mix measures.
 DEFAULT_MIX = {"sft": 0.25, "prefix": 0.15, "results": 0.1, "next_result": 0.2, "next_token": 0.3}
 CONFIGS = ("sft", "traces")
 
