@@ -137,7 +137,7 @@ def spec_from_args(args: argparse.Namespace) -> BuildSpec:
 
 def cli_build(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="factory build", description="Build a scored, filtered reasoning dataset from a spec.")
-    ap.add_argument("spec", nargs="?", help="build spec YAML (default: the shipped factory/specs/default.yaml)")
+    ap.add_argument("spec", nargs="?", help="build spec YAML (default: the default build, BuildSpec())")
     ap.add_argument("--output", help="output directory (overrides output.dir)")
     ap.add_argument("--limit", type=int, help="use at most N problems (overrides limit)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved spec and the first filled canvas; run nothing")

@@ -24,7 +24,7 @@ def cli_pipeline(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(
         prog="factory bench pipeline", description="Ray pipeline traces/s against the in-process sampler on the same problems."
     )
-    ap.add_argument("spec", nargs="?", help="build spec YAML (default: the shipped one)")
+    ap.add_argument("spec", nargs="?", help="build spec YAML (default: the default build)")
     ap.add_argument("--problems", type=int, default=384, help="problems to run; a synthetic source generates this many (default 384)")
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--json", type=Path, help="write the report here too")
