@@ -230,3 +230,23 @@ def test_settings_that_cannot_train_are_refused_in_one_line():
     ):
         with pytest.raises(ft.FinetuneError, match=message):
             ft.FinetuneConfig(**bad)
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_ddp_run(tiny_build, tiny_model_dir, tmp_path):
+    """`torchrun` (or `accelerate launch`) with two processes: gloo DDP on CPU, each process its own
+    batches, one checkpoint holding both processes' random states, one export, one progress line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    job = Path(__file__).resolve().parents[1] / "jobs" / "finetune_mdlm.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(job), str(tiny_build)]
+    command += ["--model", str(tiny_model_dir), "--output", str(out), "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2"]
+    run = subprocess.run([*command, "--precision", "fp32"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoint").glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert (out / "model.safetensors").exists() and run.stdout.count("[finetune] step 4/4") == 1

@@ -280,9 +280,10 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.item() / config.grad_accum
             tokens += int(attention.sum()) * accelerator.num_processes
+        step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="mean").item()  # over processes
         history.append({"step": step + 1, "loss": round(step_loss, 4)})
         done = step + 1
-        if done % 10 == 0 or done == config.steps:
+        if accelerator.is_main_process and (done % 10 == 0 or done == config.steps):
             elapsed = time.perf_counter() - started
             eta = elapsed / (done - start) * (config.steps - done)
             log(f"[finetune] step {done}/{config.steps} loss {step_loss:.4f} {tokens / elapsed:,.0f} tokens/s ETA {eta:.0f}s")
@@ -386,7 +387,7 @@ def finetune(
         raise FinetuneError(f"the builds use different templates {sorted(map(str, templates))}; fine-tune on builds of one canvas")
     template = loaded[0][1]
     for d in data:
-        log(f"[finetune] {d.path} ({d.config}): {len(d.examples)} rows, did not fit: {d.rejected or 'none'}")
+        log(f"[finetune] {d.path} ({d.config}): {len(d.examples)} rows, did not fit: {d.rejected or 'none'}")  # every process checks
     model = AutoModelForMaskedLM.from_pretrained(base_path, dtype=torch.float32)
     batches = TraceBatches(template, data, config.mix, config.seed, config.filler_weight)
     revision = model_revision(base)
