@@ -279,7 +279,7 @@ def targets(report: dict) -> list[dict]:
     return rows
 
 
-def finetune_markdown(report: dict, plot_name: str) -> str:
+def finetune_markdown(report: dict, plot_name: str, section: str = "finetune") -> str:
     rows = []
     for name, r in report["arms"].items():
         if "accuracy" not in r:
@@ -301,8 +301,9 @@ def finetune_markdown(report: dict, plot_name: str) -> str:
     s = report["settings"]
     columns = ["arm", "accuracy", "left to right", "95% CI", "2 steps", "3 steps", "4 steps", "traces", "base-wrong problems with a trace"]
     return (
-        "## Fine-tuning on the factory's data\n\n"
-        f"`factory bench finetune --pool {report['pool']} --n {report['held_out']} --seed {report['seed']}`"
+        f"## Fine-tuning on the factory's data ({section})\n\n"
+        f"`factory bench finetune --pool {report['pool']} --n {report['held_out']} --seed {report['seed']}"
+        f" --lr {s['lr']} --arms {' '.join(a for a in report['arms'] if a in ARMS)} --section {section}`"
         f" from `{report['base_model']}`: every arm {s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}, warm-up {s['warmup']},"
         f" layouts {s['mix']} (`no_new_data`: the base's own objective on generated problems). Held-out accuracy, greedy"
         f" {report['eval_rule']}, with a 95% Wilson interval.\n\n{markdown_table(rows, columns)}\n\n"
@@ -352,6 +353,7 @@ def cli_bench_finetune(argv: list[str]) -> None:
     ap.add_argument("--mix", nargs="+", metavar="NAME=WEIGHT", help=f"layouts of the trace arms (default {ft.DEFAULT_MIX})")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--docs", type=Path, default=DOCS)
+    ap.add_argument("--section", default="finetune", help="the docs section this run writes (another name keeps the main table)")
     args = ap.parse_args(argv)
     base = args.base or history_checkpoint(BASE_COMMIT, args.work / "base")
     mix = parse_mix(args.mix) if args.mix else dict(ft.DEFAULT_MIX)
@@ -363,6 +365,6 @@ def cli_bench_finetune(argv: list[str]) -> None:
         args.work, base, args.pool, args.n, args.seed, tuple(args.arms), config, args.k, not args.no_second_round, args.check_rule
     )
     emit(report, args.json)
-    image = args.docs.parent / "finetune_arms.png"
+    image = args.docs.parent / f"{args.section}_arms.png"
     plot(report, image)
-    write_section("finetune", finetune_markdown(report, image.name), args.docs)
+    write_section(args.section, finetune_markdown(report, image.name, args.section), args.docs)
