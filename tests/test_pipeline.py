@@ -527,7 +527,7 @@ def test_build_with_ray_writes_a_loadable_dataset(straight_build):
         assert user["content"] == questions[row["trace_id"]] and "boxed" not in user["content"]
     assert [r["reason"] for r in load_config(out, "rejected")] == ["non_numeric_answer", "empty_question"]
     names = sorted(f"data/traces/{p.name}" for p in (out / "data" / "traces").iterdir())
-    assert names == manifest["files"]["traces"] and [n[:22] for n in names] == [f"data/traces/train-0000{i}" for i in range(3)]
+    assert names == manifest["files"]["traces"] and [n[:23] for n in names] == [f"data/traces/train-0000{i}" for i in range(3)]
     assert all(output.DATA_FILE.fullmatch(n) for n in names)
 
 
