@@ -11,7 +11,7 @@ from pathlib import Path
 from factory.build.spec import ScoringSpec
 from factory.core.checks import step_labels
 from factory.core.sampler import CanvasSampler, Request, SamplerConfig, seed_for
-from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, equals_offset
+from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, equals_offset, share_canvases
 from factory.core.template import TemplateError
 from factory.lab.report import DOCS, auroc, emit, load, markdown_table, scatter_plot, write_section
 from factory.synthetic import problems as synthetic
@@ -225,14 +225,18 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
         scores = scorer.score(traces, self_consistency=estimator == "marginal")
         if estimator == "marginal":
             marginal_scores = scores
-        prefix_rows = sum(len(scorer.prefix_rows(t)) for t in traces)
-        consistency_rows = sum(len(scorer.consistency_rows(t)) for t in traces)
+        # Passes are the distinct canvases a method reads (the scorer reads each once): the answer read
+        # after k steps and the operand read of step k+1 are one canvas, and so is a prefix that a clean
+        # trace and its corrupted twin share before the error.
+        prefix = [row for t in traces for row in scorer.prefix_rows(t)]
+        consistency = [row for t in traces for row in scorer.consistency_rows(t)]
+        distinct = lambda rows: len(share_canvases(rows)[0])  # noqa: E731
         passes = {
-            "one_pass": prefix_rows,
-            "chain_rule": prefix_rows,
-            "result_consistency": consistency_rows / 2,  # its half of the rows: one per step
-            "self_consistency": consistency_rows,
-            "combined": prefix_rows + consistency_rows,
+            "one_pass": distinct(prefix),
+            "chain_rule": distinct(prefix),
+            "result_consistency": distinct(consistency[0::2]),  # its half of the rows: one per step
+            "self_consistency": distinct(consistency),
+            "combined": distinct(prefix + consistency),
         }
         for name in names:
             values = [[_prefix_values(name, s, k) for k in range(1, len(c["steps"]) + 1)] for c, s in zip(cases, scores)]
