@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from factory.build.command import build  # noqa: E402
-from factory.build.output import BuildError  # noqa: E402
+from factory.build.output import BuildError, write_text  # noqa: E402
 from factory.build.sources import SourceError  # noqa: E402
 from factory.build.spec import SpecError, load_spec  # noqa: E402
 from factory.publish.hub import PublishError, publish  # noqa: E402
@@ -38,11 +38,12 @@ def scheduled_run(
         manifest = build(spec, address)
         marker = published_marker(out)
         last = json.loads(marker.read_text()) if marker.exists() else {}
-        if last.get(repo_id) == manifest["fingerprint"]:
-            print(f"[scheduled] nothing new since the last publish of {manifest['fingerprint']} to {repo_id}", flush=True)
+        target = f"{repo_id}@{revision or 'main'}"  # what was last published where
+        if last.get(target) == manifest["fingerprint"]:
+            print(f"[scheduled] nothing new since the last publish of {manifest['fingerprint']} to {target}", flush=True)
             return {"published": False, "fingerprint": manifest["fingerprint"]}
         result = publish(out, repo_id, private=private, revision=revision)
-        marker.write_text(json.dumps({**last, repo_id: manifest["fingerprint"]}))
+        write_text(marker, json.dumps({**last, target: manifest["fingerprint"]}))
         return {"published": True, "fingerprint": manifest["fingerprint"], **result}
 
 
