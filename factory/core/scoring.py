@@ -157,11 +157,12 @@ class StepScorer:
         flat = [row for p, c in zip(prefix, consistency) for row in p + c]
         values = self.read_logprobs(flat)
         # A forward pass is charged once, to the first trace that reads its canvas.
-        unique, seen, owned = len(share_canvases(flat)[0]), set(), []
+        seen, owned = set(), []
         for p, c in zip(prefix, consistency):
             keys = {tuple(canvas) for canvas, _ in p + c} - seen
             owned.append(len(keys))
             seen |= keys
+        unique = len(seen)
         per_row_passes = (-(-unique // self.batch_size) if unique else 0) / max(1, unique)
         results, start = [], 0
         for t, p, c, rows_owned in zip(traces, prefix, consistency, owned):
