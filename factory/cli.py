@@ -13,6 +13,7 @@ COMMANDS = [
     (("eval",), "factory.lab.evaluate:cli_eval", "decode fresh synthetic problems and report answer accuracy"),
     (("bench", "samplers"), "factory.lab.samplers:cli_samplers", "every unmasking rule on the same problems: accuracy vs forward passes"),
     (("bench", "scoring"), "factory.lab.scoring:cli_scoring", "step scorers on clean and corrupted traces: AUROC vs passes"),
+    (("bench", "precision"), "factory.lab.evaluate:cli_precision", "float32 vs bfloat16 weights: accuracy, speed, batch invariance, AUROCs"),
     (
         ("bench", "finetune"),
         "factory.lab.finetune:cli_bench_finetune",
@@ -20,6 +21,7 @@ COMMANDS = [
     ),
     (("bench", "padding"), "factory.lab.padding:cli_padding", "pad tokens per forward pass, arrival order vs grouped by question length"),
     (("bench", "pipeline"), "factory.lab.pipeline:cli_pipeline", "Ray pipeline traces/s against the in-process sampler"),
+    (("bench", "scale"), "factory.lab.scale:cli_scale", "builds of 1k/10k/100k problems: driver RSS, object store, rows/s"),
 ]
 
 

@@ -19,21 +19,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from factory.build.command import cli_build  # noqa: E402
 from factory.build.spec import SpecError, load_spec  # noqa: E402
+from factory.build.storage import is_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     ap.add_argument("--spec", help="build spec YAML (default: the shipped default spec)")
-    ap.add_argument("--output", help="absolute output directory (default: the spec's output.dir)")
+    ap.add_argument("--output", help="absolute output directory or a storage URI (default: the spec's output.dir)")
     args, rest = ap.parse_known_args(argv)
     try:
         output = args.output or load_spec(args.spec).output.dir
     except SpecError as err:
         sys.exit(str(err))
-    if not Path(output).is_absolute():
+    if not is_uri(output) and not Path(output).is_absolute():
         sys.exit(
             f"jobs/build_dataset.py: output directory {output!r} is relative; under `ray job submit` it would land in Ray's "
-            "temporary copy of the checkout. Pass an absolute --output on storage the head node keeps."
+            "temporary copy of the checkout. Pass an absolute --output on storage the head node keeps, or a URI (s3://, gs://, file://)."
         )
     cli_build(([args.spec] if args.spec else []) + ["--output", output] + rest)
 

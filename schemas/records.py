@@ -101,12 +101,25 @@ class WorkerInfo(BaseModel):
     gpu_ids: list[str] = Field(default_factory=list, description="GPU ids Ray assigned to the actor")
 
 
-class ShardSummary(BaseModel):
-    """What one shard produced: written as its completion marker, after its traces."""
+class ShardPlan(BaseModel):
+    """One shard's problems, written before it runs: the unit of work, of resume and of output files."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     shard: int
+    increment: int = Field(description="the run that planned it: 0 for the first, then one more for each run that added problems")
+    date: str = Field(description="when that run planned it (UTC, ISO 8601)")
+    problems: list[Problem]
+
+
+class ShardStats(BaseModel):
+    """What sampling one shard produced, before any of it is stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shard: int
+    increment: int
+    date: str
     problems: int
     sampled: int
     accepted: int
@@ -119,12 +132,18 @@ class ShardSummary(BaseModel):
     worker: WorkerInfo
 
 
-class ShardResult(ShardSummary):
-    """A shard's summary with its traces, as a worker hands it back."""
+class ShardResult(ShardStats):
+    """A shard's stats with its rows, as sampling hands them to whoever stores them."""
 
     traces: list[TraceRow] = Field(description="the accepted traces")
     filtered_traces: list[TraceRow] = Field(description="the rest, each with its filter_reason")
     quarantined: list[Rejected] = Field(default_factory=list, description="problems whose sampling or scoring raised, with the error")
 
-    def summary(self) -> ShardSummary:
-        return ShardSummary.model_validate(self.model_dump(exclude={"traces", "filtered_traces", "quarantined"}))
+
+class ShardSummary(ShardStats):
+    """A stored shard: its stats, the data files that hold its rows, and its quarantined problems (few,
+    so they travel here and the driver never reads a row). Written as the shard's completion marker."""
+
+    files: dict[str, str] = Field(description="config -> the data file holding this shard's rows of it")
+    rows: dict[str, int] = Field(description="config -> rows in that file")
+    quarantined: list[Rejected] = Field(default_factory=list)

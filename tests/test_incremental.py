@@ -91,8 +91,8 @@ def test_no_problem_is_sampled_twice_across_increments(tmp_path, tiny_adapter, p
 def test_a_killed_incremental_run_resumes_to_exactly_the_rows_of_an_uninterrupted_one(tmp_path, tiny_adapter, pool):
     source = tmp_path / "pool.jsonl"
 
-    def killed_after_one_shard(spec, shards):
-        runner = run_in_process(spec, shards, adapter=tiny_adapter)
+    def killed_after_one_shard(spec, out, shards):
+        runner = run_in_process(spec, out, shards, adapter=tiny_adapter)
         yield next(runner)
         raise KeyboardInterrupt  # the driver dies with the second new shard in flight
 

@@ -25,7 +25,8 @@ from factory.build.output import BuildDir, BuildError, prm_rows, size_category
 from factory.build.runner import require_cuda_if_gpus_held
 from factory.build.sources import SourceError, load_problems
 from factory.build.spec import BuildSpec, FilterSpec, ResourceSpec, SpecError, load_spec, validate_spec
-from factory.build.stages import TraceMaker, plan_shards, problem_seed, process_shard
+from factory.build.stages import TraceMaker, problem_seed, process_shard
+from factory.build.storage import TMP_MARK, Storage
 from factory.core.checks import false_equation, final_number, step_labels
 from factory.core.numbers import canonical_answer
 from factory.core.sampler import SampleResult
@@ -35,7 +36,7 @@ from factory.models import adapter as model_adapter
 from factory.models.embedded import EMBEDDED_MODEL_DIR
 from factory.synthetic import problems as synthetic
 from schemas.arrow import arrow_schema, from_table, to_table
-from schemas.records import Problem, SFTRow, TraceRow
+from schemas.records import Problem, SFTRow, ShardPlan, TraceRow
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -344,27 +345,28 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     row = maker.trace_row(problem, 0, SampleResult(None, reasoning, answer, nfe=1, exited_early=False), scores)
     assert row.reasoning == problem.gold_steps[0] and row.steps == [problem.gold_steps[0]]
 
-    out = BuildDir(spec.output.dir)
+    out, root = BuildDir(spec.output.dir), Path(spec.output.dir)
     out.claim(spec)
-    shards = plan_shards(problems, spec.output.shard_size)
-    for index, shard in enumerate(shards):
-        out.write_shard(process_shard(maker, index, shard))
+    sizes, added = out.plan(problems, spec.output.shard_size)
+    assert sizes == {0: 2, 1: 1} and added == 3
+    for index in sizes:
+        out.write_shard(spec, process_shard(maker, out.read_plan(index)))
     assert out.done_shards() == {0, 1}
-    manifest = out.assemble(spec, len(shards), rejected)
+    manifest = out.assemble(spec, len(sizes), rejected)
     assert manifest["problems"] == 3 and manifest["traces_sampled"] == 6 and manifest["accepted"] == 6
     assert manifest["empty_configs"] == ["filtered", "rejected"]
-    traces = [row for name in manifest["files"]["traces"] for row in from_table(pq.read_table(out.root / name), TraceRow)]
+    traces = [row for name in manifest["files"]["traces"] for row in from_table(pq.read_table(root / name), TraceRow)]
     assert {t.trace_id for t in traces} == {t.trace_id for t in together}
-    sft = pq.read_table(out.root / manifest["files"]["sft"][0]).to_pylist()[0]
+    sft = pq.read_table(root / manifest["files"]["sft"][0]).to_pylist()[0]
     user, assistant = sft["messages"]
     gold = traces[0].gold_answer
     assert user == {"role": "user", "content": traces[0].question}
     assert assistant["content"].endswith(f"\nThe answer is \\boxed{{{gold}}}.")
-    prm = pq.read_table(out.root / manifest["files"]["prm"][0]).to_pylist()[0]
+    prm = pq.read_table(root / manifest["files"]["prm"][0]).to_pylist()[0]
     assert prm["completions"] == traces[0].steps and prm["labels"] == traces[0].step_labels
     assert prm["label_scores"] == pytest.approx(traces[0].self_consistency)  # the default label source
     assert manifest["rows"] == {"traces": 6, "filtered": 0, "sft": 6, "prm": 6, "rejected": 0}
-    card = DatasetCard.load(out.root / "README.md").data  # metadata the Hub reads when the directory is uploaded
+    card = DatasetCard.load(root / "README.md").data  # metadata the Hub reads when the directory is uploaded
     assert card.size_categories == ["n<1K"] and "process-reward-model" in card.tags
     assert [c["config_name"] for c in card.configs] == ["traces", "sft", "prm"]
     assert [size_category(n) for n in (999, 1_000, 99_999, 1_000_000)] == ["n<1K", "1K<n<10K", "10K<n<100K", "1M<n<10M"]
@@ -375,21 +377,21 @@ def test_a_rebuilt_directory_never_loads_the_old_rows(tmp_path, tiny_adapter, te
     rebuilt with other rows loaded the old ones until the card's file patterns carried a digest of the rows."""
     spec = validate_spec(small_spec(tmp_path / "out", source={"kind": "synthetic", "n": 3}))
     problems, rejected = load_problems(spec.source, template)
-    maker, out = TraceMaker(spec, adapter=tiny_adapter), BuildDir(spec.output.dir)
+    maker, out, root = TraceMaker(spec, adapter=tiny_adapter), BuildDir(spec.output.dir), Path(spec.output.dir)
     loaded = []
     for n in (3, 1):
-        shutil.rmtree(out.root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
         out.claim(spec)
-        out.write_shard(process_shard(maker, 0, problems[:n]))
+        out.write_shard(spec, process_shard(maker, ShardPlan(shard=0, increment=0, date="", problems=problems[:n])))
         manifest = out.assemble(spec, 1, rejected)
-        loaded.append(len(load_config(out.root, "traces")))
+        loaded.append(len(load_config(root, "traces")))
     assert loaded == [6, 2]
     # assembling again writes the same files; a data file an earlier assembly left is removed, a user's own file kept
-    stale, mine = (out.root / "data" / "traces" / name for name in ("train-00000-000000000000.parquet", "mine.parquet"))
+    stale, mine = (root / "data" / "traces" / name for name in ("train-00000-000000000000.parquet", "mine.parquet"))
     for path in (stale, mine):
-        path.write_bytes((out.root / manifest["files"]["traces"][0]).read_bytes())
+        path.write_bytes((root / manifest["files"]["traces"][0]).read_bytes())
     assert out.assemble(spec, 1, rejected)["files"] == manifest["files"] and not stale.exists() and mine.exists()
-    assert len(load_config(out.root, "traces")) == 2
+    assert len(load_config(root, "traces")) == 2
 
 
 def test_an_output_dir_is_resumed_only_by_its_own_spec_code_and_weights(tmp_path, monkeypatch):
@@ -601,13 +603,35 @@ def test_an_unpinned_hub_model_records_the_commit_it_resolved_to_and_a_moved_hub
 
 
 @pytest.mark.slow
-def test_an_actor_killed_mid_build_is_replaced_and_every_trace_lands_exactly_once(straight_build, tmp_path, own_sessions):
+def test_on_shared_storage_the_actors_write_their_own_files_and_the_driver_reads_no_row(straight_build, tmp_path, monkeypatch):
+    spec_path, reference, reference_manifest = straight_build
+    out = tmp_path / "shared"
+
+    def driver_stores(self, spec, result):
+        raise AssertionError(f"the driver was handed shard {result.shard}'s rows")
+
+    monkeypatch.setattr(BuildDir, "store", driver_stores)  # the actors' own copies of BuildDir are untouched
+    monkeypatch.setattr(Storage, "read_parquet", driver_stores)  # nor does assembling read a row back
+    summaries = []
+    manifest = build(load_spec(spec_path).with_overrides(output_dir=out.as_uri()), log=lambda _: None, on_shard=summaries.append)
+    assert sorted(s.shard for s in summaries) == [0, 1, 2] and all(set(s.files) == set(output.SHARD_CONFIGS) for s in summaries)
+    assert {s.worker.actor.rsplit(":", 1)[1] for s in summaries}.isdisjoint({str(os.getpid())})
+    assert manifest["files"] == reference_manifest["files"] and manifest["fingerprint"] == reference_manifest["fingerprint"]
+    for name in ("traces", "filtered", "sft", "prm", "rejected"):
+        assert read_config(out, name) == read_config(reference, name)
+    assert not [p for p in out.rglob("*") if TMP_MARK in p.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["path", "uri"])
+def test_an_actor_killed_mid_build_is_replaced_and_every_trace_lands_exactly_once(straight_build, tmp_path, own_sessions, storage):
+    """With a URI the actors write their own files, so the one killed may die mid-write."""
     spec_path, reference, _ = straight_build
     spec = yaml.safe_load(spec_path.read_text())
     spec["output"]["shard_size"] = 1  # six shards: work is still queued when the first one lands
     path = write_spec(tmp_path / "spec.yaml", spec)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "factory.cli", "build", str(path), "--output", str(out)]
+    command = [sys.executable, "-m", "factory.cli", "build", str(path), "--output", out.as_uri() if storage == "uri" else str(out)]
     driver = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     own_sessions(driver.pid)
     deadline = time.monotonic() + 120

@@ -1,7 +1,7 @@
 """`factory build`: read -> sample+score -> filter -> write, the stages composed on Ray.
 
-`load_problems` reads, the actor pool runs `process_shard` (see `stages`), and `BuildDir` writes
-resumable shard parts, then the dataset.
+`iter_problems` streams the source into shard plans, a runner runs `process_shard` on each (see
+`stages`, `runner`), and `BuildDir` stores each shard's files, then assembles the dataset.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from itertools import chain
 
 from factory.build.output import BuildDir, BuildError
 from factory.build.runner import run_ray_build
-from factory.build.sources import SourceError, load_problems
+from factory.build.sources import SourceError, iter_problems
 from factory.build.spec import BuildSpec, SpecError, load_spec
 from factory.build.stages import driver_template
 from factory.models.adapter import ModelNotFound, model_revision
-from schemas.records import Problem, ShardResult
+from schemas.records import Rejected, ShardResult, ShardSummary
 
 Log = Callable[[str], None]
 
@@ -34,7 +34,7 @@ class Progress:
         self.done = self.traces = self.accepted = 0
         self.started = time.perf_counter()
 
-    def update(self, result: ShardResult) -> None:
+    def update(self, result: ShardSummary) -> None:
         self.done += result.problems
         self.traces += result.sampled
         self.accepted += result.accepted
@@ -49,42 +49,47 @@ class Progress:
 # ---- the build ------------------------------------------------------------------------------
 
 
-Runner = Callable[[BuildSpec, list[tuple[int, list[Problem]]]], Iterator[ShardResult]]
+Runner = Callable[[BuildSpec, BuildDir, list[int]], Iterator[ShardResult | ShardSummary]]
 
 
 def build(
     spec: BuildSpec,
     address: str | None = None,
     log: Log = log_line,
-    on_shard: Callable[[ShardResult], None] | None = None,
+    on_shard: Callable[[ShardSummary], None] | None = None,
     runner: Runner | None = None,
 ) -> dict:
     """Run (or resume) the build the spec describes; returns the manifest. `on_shard` sees each
-    shard's result once it is written. The shards run on Ray (at `address`, else a local Ray) unless
-    another `runner` is given, e.g. `runner.run_in_process`: the steps do not know their executor."""
+    shard's summary once it is stored. The source streams into shard plans (the driver holds one
+    shard's problems at a time, and the ids seen); the shards run on Ray (at `address`, else a local
+    Ray) unless another `runner` is given, e.g. `runner.run_in_process`: the steps do not know their
+    executor."""
     check_model(spec)
-    problems, rejected = load_problems(spec.source, driver_template(spec), spec.limit)
-    if not problems:
+    rejected: list[Rejected] = []
+    problems = iter_problems(spec.source, driver_template(spec), spec.limit, rejected)
+    first = next(problems, None)  # the source's first rows are read and checked before the output is claimed
+    if first is None:
         reasons = dict(Counter(r.reason for r in rejected))
         raise BuildError(f"no usable problems: {len(rejected)} rows rejected {reasons}; `factory build --dry-run` shows why")
     out = BuildDir(spec.output.dir)
     out.claim(spec)
-    shards, added = out.plan(problems, spec.output.shard_size)
+    sizes, added = out.plan(chain([first], problems), spec.output.shard_size)
     done = out.done_shards()
-    todo = [(i, shard) for i, shard in sorted(shards.items()) if i not in done]
+    todo = [i for i in sorted(sizes) if i not in done]
     log(
-        f"[build] {len(problems)} problems ({len(rejected)} rows rejected, {added} new) in {len(shards)} shards;"
-        f" {len(shards) - len(todo)} already done"
+        f"[build] {sum(sizes.values())} problems ({len(rejected)} rows rejected, {added} new) in {len(sizes)} shards;"
+        f" {len(sizes) - len(todo)} already done"
     )
     if todo:
-        progress = Progress(sum(len(s) for _, s in todo), log)
-        for result in runner(spec, todo) if runner else run_ray_build(spec, todo, address):
-            out.write_shard(result)
-            progress.update(result)
+        progress = Progress(sum(sizes[i] for i in todo), log)
+        for item in runner(spec, out, todo) if runner else run_ray_build(spec, out, todo, address):
+            summary = out.store(spec, item) if isinstance(item, ShardResult) else item
+            out.mark_done(summary)
+            progress.update(summary)
             if on_shard:
-                on_shard(result)
-    manifest = out.assemble(spec, len(shards), rejected)
-    log(summary_line(manifest, out.root))
+                on_shard(summary)
+    manifest = out.assemble(spec, len(sizes), rejected)
+    log(summary_line(manifest, out.location))
     return manifest
 
 
@@ -97,7 +102,7 @@ def check_model(spec: BuildSpec) -> None:
         raise BuildError(f"model.id: {err}") from None
 
 
-def summary_line(manifest: dict, root: Path) -> str:
+def summary_line(manifest: dict, root: str) -> str:
     def mean(key: str) -> str:
         return f"{manifest[key]:.3f}" if manifest[key] is not None else "n/a"
 
@@ -113,13 +118,15 @@ def dry_run(spec: BuildSpec) -> str:
     """The resolved spec and the first problem's filled canvas, decoded: what would be built, computing nothing."""
     check_model(spec)
     template = driver_template(spec)
-    problems, rejected = load_problems(spec.source, template, spec.limit)
-    lines = [f"# spec {spec.spec_hash()}", spec.to_yaml(), f"# {len(problems)} usable problems, {len(rejected)} rows rejected"]
+    rejected: list[Rejected] = []
+    first, usable = None, 0
+    for problem in iter_problems(spec.source, template, spec.limit, rejected):
+        first, usable = first or problem, usable + 1
+    lines = [f"# spec {spec.spec_hash()}", spec.to_yaml(), f"# {usable} usable problems, {len(rejected)} rows rejected"]
     for reason, count in Counter(r.reason for r in rejected).most_common():
         example = next(r for r in rejected if r.reason == reason)
         lines.append(f"#   {reason}: {count} (e.g. row {example.row}: {example.detail})")
-    if problems:
-        first = problems[0]
+    if first:
         canvas = template.canvas(template.encode_question(first.question), None, template.encode_answer(first.gold_answer))
         lines += [f"# first canvas ({len(canvas)} tokens, reasoning masked, gold answer clamped):", template.tokenizer.decode(canvas)]
     return "\n".join(lines)

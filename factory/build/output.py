@@ -1,17 +1,17 @@
-"""The output directory of a build: resumable shard parts, then a Hugging Face dataset.
+"""The output directory of a build: resumable shards, then a Hugging Face dataset.
 
     OUT/_build/spec.json                  the spec and its hash; a rerun with another spec is refused
-    OUT/_build/shards/00003.plan.json        the problems of shard 3 and the increment that added them, written before it runs
-    OUT/_build/shards/00003.traces.parquet   accepted traces of shard 3
-    OUT/_build/shards/00003.filtered.parquet the shard's other traces, each with its filter_reason
-    OUT/_build/shards/00003.done.json        its completion marker (a ShardSummary), written after the part
+    OUT/_build/shards/00003.plan.json     shard 3's problems and the increment that added them, written before it runs
+    OUT/_build/shards/00003.done.json     its completion marker (a ShardSummary: counts, its data files, quarantined problems)
     OUT/data/{traces,filtered,sft,prm}/train-00003-<digest>.parquet   one file per shard, named by its rows' digest
     OUT/data/rejected/train-00000-<digest>.parquet
     OUT/README.md                          dataset card; its `configs:` front matter names the data files
     OUT/manifest.json                      counts: problems, accepted, rejected and filtered by reason, rows per config, means, fingerprint
 
-Every file is written to a temporary name and renamed into place, so a build killed at any moment
-leaves each file either complete or absent, and a shard either done (marker present) or to redo.
+OUT is a local directory or a URI (see `storage`). A shard's data files are written by whoever holds
+its rows (the actor itself on shared storage, else the driver), each atomically; the driver writes the
+marker once they are all in place, so a shard is either done or to redo, and the card and manifest are
+assembled from the markers alone, without reading a row.
 
 Incremental: a problem is known by its content digest (`problem_id`). A rerun over a source that
 gained rows plans only the problems no shard holds yet, as new shards after the existing ones; rows
@@ -23,52 +23,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from factory.build.provenance import code_version
 from factory.build.spec import BuildSpec
-from factory.build.stages import plan_shards
+from factory.build.storage import Storage
 from factory.core.scoring import LABEL_SOURCES
 from factory.models.adapter import model_revision
-from schemas.arrow import arrow_schema, from_table, to_table
-from schemas.records import ChatMessage, PRMRow, Problem, Rejected, SFTRow, ShardResult, ShardSummary, TraceRow
+from schemas.arrow import to_table
+from schemas.records import ChatMessage, PRMRow, Problem, Rejected, SFTRow, ShardPlan, ShardResult, ShardSummary, TraceRow
 
 CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRow, "rejected": Rejected}
-TMP_MARK = ".tmp-"
+SHARD_CONFIGS = ("traces", "filtered", "sft", "prm")  # a file per shard; `rejected` is one file for the build
+SHARDS = "_build/shards"
+STATE = "_build/spec.json"
 
 
 class BuildError(RuntimeError):
     """A build that must not start, e.g. an output directory made from another spec."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temporary file in the same directory, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def write_parquet(path: Path, table: pa.Table) -> None:
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp) if table.num_rows else write_empty_parquet(table.schema, tmp))
-
-
-def write_empty_parquet(schema: pa.Schema, path: Path) -> None:
-    """Schema only, no row group: `datasets` skips such a file, but fails on an empty row group."""
-    pq.ParquetWriter(path, schema).close()
+    """One local file, written atomically."""
+    Storage(path.parent).write_text(path.name, text)
 
 
 # A data file's name: its shard and a digest of its rows, so a shard's file keeps its name while its rows
@@ -113,29 +96,31 @@ def prm_row(trace: TraceRow, label_scores: list[float]) -> PRMRow:
     )
 
 
+def derive(spec: BuildSpec, result: ShardResult) -> dict[str, list]:
+    """A shard's rows of every config but `rejected`."""
+    traces, filtered = result.traces, result.filtered_traces
+    return {"traces": traces, "filtered": filtered, "sft": [sft_row(t, spec) for t in traces], "prm": prm_rows(traces + filtered, spec)}
+
+
 # ---- the directory -------------------------------------------------------------------------
 
 
 class BuildDir:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.state = self.root / "_build" / "spec.json"
-        self.shards = self.root / "_build" / "shards"
+    def __init__(self, location: str | Path):
+        self.storage = Storage(location)
+        self.location = self.storage.location
 
-    def part(self, shard: int) -> Path:
-        return self.shards / f"{shard:05d}.traces.parquet"
+    @property
+    def address(self) -> str:
+        """How any process reaches this directory: the URI, or the absolute path (another process's
+        working directory may differ)."""
+        return self.location if self.storage.shared else self.storage.base
 
-    def filtered_part(self, shard: int) -> Path:
-        return self.shards / f"{shard:05d}.filtered.parquet"
+    def plan_file(self, shard: int) -> str:
+        return f"{SHARDS}/{shard:05d}.plan.json"
 
-    def quarantine_part(self, shard: int) -> Path:
-        return self.shards / f"{shard:05d}.quarantined.parquet"
-
-    def marker(self, shard: int) -> Path:
-        return self.shards / f"{shard:05d}.done.json"
-
-    def plan_file(self, shard: int) -> Path:
-        return self.shards / f"{shard:05d}.plan.json"
+    def marker(self, shard: int) -> str:
+        return f"{SHARDS}/{shard:05d}.done.json"
 
     def claim(self, spec: BuildSpec) -> None:
         """Start or resume a build of `spec` here; refuse a directory that holds anything else. The
@@ -148,111 +133,128 @@ class BuildDir:
             # the spec names a model (a path, 'embedded'); new weights behind the same name must not resume
             "model_revision": model_revision(spec.model.id, spec.model.revision),
         }
-        if self.state.exists():
-            found = json.loads(self.state.read_text())
+        if self.storage.exists(STATE):
+            found = json.loads(self.storage.read_text(STATE))
             for key, value in wanted.items():
                 if found.get(key) != value:
                     raise BuildError(
-                        f"{self.root} holds a build with {key} {found.get(key)}, but this one has {key} {value}; a dataset never"
-                        f" mixes two: start a new version with another --output (e.g. {self.root.name}-v2)"
+                        f"{self.location} holds a build with {key} {found.get(key)}, but this one has {key} {value}; a dataset"
+                        f" never mixes two: start a new version with another --output (e.g. {self.storage.name}-v2)"
                     )
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise BuildError(f"{self.root} is not empty and holds no factory build; choose another --output")
+        elif not self.storage.is_empty():
+            raise BuildError(f"{self.location} is not empty and holds no factory build; choose another --output")
         else:
-            write_text(self.state, json.dumps({**wanted, "spec": spec.model_dump(mode="json")}, indent=2))
-        for leftover in self.root.rglob(f".*{TMP_MARK}*"):  # from a build killed mid-write
-            leftover.unlink()
+            self.storage.write_text(STATE, json.dumps({**wanted, "spec": spec.model_dump(mode="json")}, indent=2))
+        self.storage.remove_temporaries()  # from a writer killed mid-file
 
-    def plans(self) -> dict[int, dict]:
-        """Every shard planned so far: {shard: {"increment", "date", "problems"}}."""
-        return {int(p.name.split(".")[0]): json.loads(p.read_text()) for p in sorted(self.shards.glob("*.plan.json"))}
+    def read_plan(self, shard: int) -> ShardPlan:
+        return ShardPlan.model_validate_json(self.storage.read_text(self.plan_file(shard)))
 
-    def plan(self, problems: list[Problem], shard_size: int) -> tuple[dict[int, list[Problem]], int]:
+    def plan(self, problems: Iterable[Problem], shard_size: int) -> tuple[dict[int, int], int]:
         """Plan the problems no shard holds yet as new shards after the existing ones, each written
-        before it runs (so a killed run redoes exactly those shards); returns every shard's problems
-        and how many were added. Problems are known by content: a row that moved or repeats is none.
-        Each plan names its increment, so the increments are read back from the plans alone."""
-        plans = self.plans()
-        known = {p["problem_id"] for plan in plans.values() for p in plan["problems"]}
-        new = [p for p in problems if p.problem_id not in known]
-        first = max(plans, default=-1) + 1
-        increment = max((plan["increment"] for plan in plans.values()), default=-1) + 1
+        as soon as it fills (so a killed run redoes exactly the shards without a marker); returns
+        every shard's problem count and how many problems were added. `problems` is consumed as it
+        streams: only one shard's problems are held at a time. Problems are known by content: a row
+        that moved or repeats is none. Each plan names its increment."""
+        known: set[str] = set()
+        sizes: dict[int, int] = {}
+        increment = 0
+        for name in self.storage.list(SHARDS, "*.plan.json"):
+            plan = self.read_plan(int(name.split(".")[0]))
+            known.update(p.problem_id for p in plan.problems)
+            sizes[plan.shard] = len(plan.problems)
+            increment = max(increment, plan.increment + 1)
         date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for shard, chunk in enumerate(plan_shards(new, shard_size), start=first):
-            plans[shard] = {"increment": increment, "date": date, "problems": [p.model_dump(mode="json") for p in chunk]}
-            write_text(self.plan_file(shard), json.dumps(plans[shard]))
-        return {shard: [Problem.model_validate(p) for p in plan["problems"]] for shard, plan in plans.items()}, len(new)
+        chunk: list[Problem] = []
+        added = 0
 
-    def increments(self, summaries: list[ShardSummary]) -> list[dict]:
-        """Each run that added problems: its date, the problems it added and the traces they gave."""
-        grouped: dict[int, dict] = {}
-        for shard, plan in self.plans().items():
-            entry = grouped.setdefault(plan["increment"], {"date": plan["date"], "problems_added": 0, "rows_added": 0})
-            entry["problems_added"] += len(plan["problems"])
-            entry["rows_added"] += summaries[shard].accepted
-        return [grouped[i] for i in sorted(grouped)]
+        def write_plan() -> None:
+            shard = max(sizes, default=-1) + 1
+            plan = ShardPlan(shard=shard, increment=increment, date=date, problems=chunk)
+            self.storage.write_text(self.plan_file(shard), plan.model_dump_json())
+            sizes[shard] = len(chunk)
+
+        for problem in problems:
+            if problem.problem_id in known:
+                continue
+            known.add(problem.problem_id)
+            chunk.append(problem)
+            added += 1
+            if len(chunk) == shard_size:
+                write_plan()
+                chunk = []
+        if chunk:
+            write_plan()
+        return sizes, added
 
     def done_shards(self) -> set[int]:
-        return {int(p.name.split(".")[0]) for p in self.shards.glob("*.done.json")}
+        return {int(name.split(".")[0]) for name in self.storage.list(SHARDS, "*.done.json")}
 
-    def write_shard(self, result: ShardResult) -> None:
-        write_parquet(self.part(result.shard), to_table(result.traces, TraceRow))
-        write_parquet(self.filtered_part(result.shard), to_table(result.filtered_traces, TraceRow))
-        write_parquet(self.quarantine_part(result.shard), to_table(result.quarantined, Rejected))
-        write_text(self.marker(result.shard), result.summary().model_dump_json(indent=2))
+    def store(self, spec: BuildSpec, result: ShardResult) -> ShardSummary:
+        """Write a shard's data files (each atomically; one that exists already holds these rows, see
+        `write_rows`) and return its summary. Runs wherever the rows are: an actor on shared storage,
+        else the driver."""
+        rows = derive(spec, result)
+        files = {name: self.write_rows(name, config_rows, data_file(name, result.shard, config_rows)) for name, config_rows in rows.items()}
+        stats = result.model_dump(exclude={"traces", "filtered_traces"})
+        return ShardSummary(**stats, files=files, rows={name: len(config_rows) for name, config_rows in rows.items()})
 
-    def quarantined(self, num_shards: int) -> list[Rejected]:
-        parts = [self.quarantine_part(i) for i in range(num_shards)]
-        return [row for part in parts if part.exists() for row in from_table(pq.read_table(part, schema=arrow_schema(Rejected)), Rejected)]
+    def mark_done(self, summary: ShardSummary) -> None:
+        """The shard's completion marker, written after its files are in place."""
+        self.storage.write_text(self.marker(summary.shard), summary.model_dump_json(indent=2))
+
+    def write_shard(self, spec: BuildSpec, result: ShardResult) -> ShardSummary:
+        summary = self.store(spec, result)
+        self.mark_done(summary)
+        return summary
 
     def summaries(self, num_shards: int) -> list[ShardSummary]:
-        return [ShardSummary.model_validate_json(self.marker(i).read_text()) for i in range(num_shards)]
-
-    def derive(self, spec: BuildSpec, shard: int) -> dict[str, list]:
-        """A shard's rows of every config but `rejected`."""
-        traces, filtered = (read_traces(path) for path in (self.part(shard), self.filtered_part(shard)))
-        return {"traces": traces, "filtered": filtered, "sft": [sft_row(t, spec) for t in traces], "prm": prm_rows(traces + filtered, spec)}
+        return [ShardSummary.model_validate_json(self.storage.read_text(self.marker(i))) for i in range(num_shards)]
 
     def assemble(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> dict:
-        """Write the dataset from the finished shards; returns the manifest. Data files of an
-        earlier assembly are removed only after the card points at the new ones, so a kill at any
-        moment leaves a directory that loads. Problems quarantined while sampling join the source's
-        rejected rows."""
-        rejected = rejected + self.quarantined(num_shards)
-        files: dict[str, list[str]] = {name: [] for name in CONFIGS}
-        counts = dict.fromkeys(CONFIGS, 0)
-        for shard in range(num_shards):
-            for name, rows in self.derive(spec, shard).items():
-                files[name].append(self.write_rows(name, rows, data_file(name, shard, rows)))
-                counts[name] += len(rows)
-        files["rejected"].append(self.write_rows("rejected", rejected, data_file("rejected", 0, rejected)))
+        """Write the card and manifest from the shards' markers (no row is read again) and the
+        rejected rows; returns the manifest. Data files no marker names (an earlier assembly's, or a
+        redone shard's orphan) are removed only after the card points at the named ones, so a kill
+        at any moment leaves a directory that loads. Problems quarantined while sampling join the
+        source's rejected rows."""
+        self.storage.remove_temporaries()  # a writer killed mid-file (an actor on shared storage) leaves one
+        summaries = self.summaries(num_shards)
+        rejected = rejected + [row for s in summaries for row in s.quarantined]
+        files = {name: [s.files[name] for s in summaries] for name in SHARD_CONFIGS}
+        counts = {name: sum(s.rows[name] for s in summaries) for name in SHARD_CONFIGS}
+        files["rejected"] = [self.write_rows("rejected", rejected, data_file("rejected", 0, rejected))]
         counts["rejected"] = len(rejected)
         # The build's identity (manifest, card, publish tag, fine-tuned models' cards): a digest of every
-        # file name, each of which carries its rows' digest, so the rows are read and hashed once.
+        # file name, each of which carries its rows' digest.
         fingerprint = hashlib.sha256("\n".join(n for names in files.values() for n in names).encode()).hexdigest()[:12]
-        summaries = self.summaries(num_shards)
         manifest = build_manifest(spec, summaries, rejected, files, counts)
-        manifest |= {"fingerprint": fingerprint, "increments": self.increments(summaries)}
+        manifest |= {"fingerprint": fingerprint, "increments": increments(summaries)}
         # The card first, the manifest last: a finished manifest always has its card (publish reads both).
-        write_text(self.root / "README.md", dataset_card(spec, manifest))
-        write_text(self.root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        self.storage.write_text("README.md", dataset_card(spec, manifest))
+        self.storage.write_text("manifest.json", json.dumps(manifest, indent=2) + "\n")
         written = {name for names in files.values() for name in names}
         for config in CONFIGS:  # only files the factory names, never a user's own
-            for stale in (self.root / "data" / config).glob(DATA_FILE_GLOB):
-                if stale.relative_to(self.root).as_posix() not in written:
-                    stale.unlink()
+            for name in self.storage.list(f"data/{config}", DATA_FILE_GLOB):
+                if f"data/{config}/{name}" not in written:
+                    self.storage.delete(f"data/{config}/{name}")
         return manifest
 
     def write_rows(self, config: str, rows: list, name: str) -> str:
         """A data file is named by its rows' digest, so one that exists already holds these rows: it is
         left as it is (its bytes never change, whatever writes Parquet today)."""
-        if not (self.root / name).exists():
-            write_parquet(self.root / name, to_table(rows, CONFIGS[config]))
+        if not self.storage.exists(name):
+            self.storage.write_parquet(name, to_table(rows, CONFIGS[config]))
         return name
 
 
-def read_traces(path: Path) -> list[TraceRow]:
-    return from_table(pq.read_table(path, schema=arrow_schema(TraceRow)), TraceRow)
+def increments(summaries: list[ShardSummary]) -> list[dict]:
+    """Each run that added problems: its date, the problems it added and the traces they gave."""
+    grouped: dict[int, dict] = {}
+    for s in summaries:
+        entry = grouped.setdefault(s.increment, {"date": s.date, "problems_added": 0, "rows_added": 0})
+        entry["problems_added"] += s.problems
+        entry["rows_added"] += s.accepted
+    return [grouped[i] for i in sorted(grouped)]
 
 
 # ---- manifest and card ---------------------------------------------------------------------

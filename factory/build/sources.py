@@ -160,18 +160,28 @@ def check_columns(source: SourceSpec, seen: set[str]) -> None:
             )
 
 
-def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | None = None) -> tuple[list[Problem], list[Rejected]]:
-    """Usable problems in source order (at most `limit`) and every row rejected on the way, with its reason.
-    A problem is usable when its question and answer fit `template` and it is not a repeat."""
+COLUMN_CHECK_ROWS = 1000  # the first rows, read before any problem is handed on, that must show every mapped column
+
+
+def iter_problems(
+    source: SourceSpec, template: ReasoningTemplate, limit: int | None = None, rejected: list[Rejected] | None = None
+) -> Iterator[Problem]:
+    """Usable problems in source order (at most `limit`), streamed: rows are read as the problems are
+    consumed, so no caller need hold the source. Every row rejected on the way is appended to
+    `rejected` with its reason. A problem is usable when its question and answer fit `template` and it
+    is not a repeat (only the ids seen are kept, to know one). The first `COLUMN_CHECK_ROWS` rows are
+    read and checked before the first problem is yielded, so a mapped column no row has stops the
+    source before anything else happens."""
+    rejected = [] if rejected is None else rejected
     name = source_name(source)
-    problems: list[Problem] = []
-    rejected: list[Rejected] = []
     first_row: dict[str, int] = {}
-    seen_columns: set[str] = set()
+    held: list[Problem] = []  # the problems of the rows read before the column check
+    seen_columns: set[str] | None = set()
+    produced = 0
     for index, row in enumerate(read_rows(source)):
-        if limit is not None and len(problems) >= limit:
+        if limit is not None and produced >= limit:
             break
-        if isinstance(row, dict):
+        if seen_columns is not None and isinstance(row, dict):
             seen_columns.update(row)
         problem = None
         try:
@@ -184,8 +194,23 @@ def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | 
             raw = json.dumps(row, default=str, ensure_ascii=False)
             problem_id = problem.problem_id if problem else None
             rejected.append(Rejected(problem_id=problem_id, source=name, row=index, raw=raw, reason=err.reason, detail=err.detail))
-            continue
-        first_row[problem.problem_id] = index
-        problems.append(problem)
-    check_columns(source, seen_columns)
+        else:
+            first_row[problem.problem_id] = index
+            produced += 1
+            held.append(problem)
+        if seen_columns is not None and index + 1 >= COLUMN_CHECK_ROWS:
+            check_columns(source, seen_columns)
+            seen_columns = None
+        if seen_columns is None:
+            yield from held
+            held = []
+    if seen_columns is not None:
+        check_columns(source, seen_columns)
+    yield from held
+
+
+def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | None = None) -> tuple[list[Problem], list[Rejected]]:
+    """`iter_problems`, held in lists: for small sources, the dry run, tests and benchmarks."""
+    rejected: list[Rejected] = []
+    problems = list(iter_problems(source, template, limit, rejected))
     return problems, rejected

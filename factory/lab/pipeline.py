@@ -15,9 +15,9 @@ from factory.build.output import BuildError
 from factory.build.runner import connect_ray
 from factory.build.sources import SourceError, load_problems
 from factory.build.spec import BuildSpec
-from factory.build.stages import TraceMaker, driver_template, plan_shards, process_shard
+from factory.build.stages import TraceMaker, driver_template, process_shard
 from factory.lab.report import emit, markdown_table, write_section
-from schemas.records import ShardResult
+from schemas.records import ShardPlan, ShardSummary
 
 
 def cli_pipeline(argv: list[str]) -> None:
@@ -82,7 +82,10 @@ def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
     once every actor is up, over the same shards run in this process with the model already loaded:
     the same work (the actor's `process_shard`), and the sampler alone (its share of that run)."""
     problems, _ = load_problems(spec.source, driver_template(spec), spec.limit)
-    shards = plan_shards(problems, spec.output.shard_size)
+    size = spec.output.shard_size
+    shards = [
+        ShardPlan(shard=i, increment=0, date="", problems=problems[i * size : (i + 1) * size]) for i in range(-(-len(problems) // size))
+    ]
     if len(shards) <= spec.resources.num_actors:  # the steady state is the shards after each actor's first
         raise BuildError(
             f"bench pipeline needs more shards than actors: {len(problems)} problems make {len(shards)} shards of"
@@ -92,15 +95,15 @@ def bench_pipeline(spec: BuildSpec, address: str | None = None) -> dict:
     canvases = {}  # shard -> canvas-passes it took (sampling and scoring rows, one per row per pass)
     t0 = time.perf_counter()
     traces = 0
-    for i, shard in enumerate(shards):
+    for shard in shards:
         before = maker.sampler.stats["canvases"] + maker.scorer.stats["canvases"]
-        traces += process_shard(maker, i, shard).sampled
-        canvases[i] = maker.sampler.stats["canvases"] + maker.scorer.stats["canvases"] - before
+        traces += process_shard(maker, shard).sampled
+        canvases[shard.shard] = maker.sampler.stats["canvases"] + maker.scorer.stats["canvases"] - before
     in_process_s, sampler_s = time.perf_counter() - t0, maker.timings["sample_s"]
-    forward = forward_rate(maker, shards[0], spec.sampler.batch_size)
+    forward = forward_rate(maker, shards[0].problems, spec.sampler.batch_size)
     shard_done: list[tuple[float, int, int]] = []  # (seconds since start, traces so far, shard) as each shard is written
 
-    def on_shard(result: ShardResult) -> None:
+    def on_shard(result: ShardSummary) -> None:
         shard_done.append((time.perf_counter() - t0, (shard_done[-1][1] if shard_done else 0) + result.sampled, result.shard))
 
     started_ray = connect_ray(address)

@@ -1,0 +1,188 @@
+"""`factory bench scale`: how the driver's memory, the object store and throughput grow with the source.
+
+Each size is a whole `factory build` of that many synthetic problems, in a fresh driver process (so its
+peak RSS is its own), with a tiny random model and a rule that fills the canvas in a fixed few passes:
+the model's cost is small, so what the numbers show is the build's own overhead (reading, planning,
+handing out shards, storing them, assembling), the part that must not grow with the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from factory.lab.report import emit, markdown_table, write_section
+
+SIZES = (1_000, 10_000, 100_000)
+FAST_RULE = {"rule": "llada", "rule_params": {"steps": 4}}  # four passes fill any canvas
+
+
+def tiny_model(path: Path) -> Path:
+    """A two-layer random masked LM on the embedded tokenizer, saved like a Hub checkpoint."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import ModernBertForMaskedLM
+
+    from factory.models.embedded import embedded_config
+    from factory.models.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    model = ModernBertForMaskedLM(embedded_config(tokenizer, hidden_size=64, layers=2, heads=2, intermediate=128))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def scale_spec(size: int, model: Path, out: str, shard_size: int, actors: int) -> dict:
+    return {
+        "source": {"kind": "synthetic", "n": size, "seed": 1},
+        "model": {"id": str(model)},
+        "sampler": {**FAST_RULE, "k": 1},
+        "output": {"dir": out, "shard_size": shard_size},
+        "resources": {"num_actors": actors},
+    }
+
+
+class ObjectStorePeak:
+    """Polls the cluster's object store bytes in use (Ray's raylet memory stats) on a thread."""
+
+    def __init__(self, interval_s: float = 0.25):
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self.reply = get_memory_info_reply
+        self.peak, self.interval_s = 0, interval_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self) -> None:
+        while not self.stop.is_set():
+            try:
+                used = self.reply(self.state, timeout_seconds=5).store_stats.object_store_bytes_used
+                self.peak = max(self.peak, used)
+            except Exception:  # a poll that misses (the raylet busy) is skipped, not fatal
+                pass
+            self.stop.wait(self.interval_s)
+
+    def close(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
+def measure_one(size: int, work: Path, shard_size: int, actors: int, uri: bool) -> dict:
+    """One build of `size` problems in this process, which must be fresh: its peak RSS is the result."""
+    import ray
+
+    from factory.build.command import build
+    from factory.build.runner import connect_ray
+    from factory.build.spec import validate_spec
+
+    out = work / f"out-{size}"
+    spec = validate_spec(scale_spec(size, tiny_model(work / "tiny-model"), out.as_uri() if uri else str(out), shard_size, actors))
+    connect_ray(None)
+    store = ObjectStorePeak()
+    shards: list[tuple[float, int]] = []  # (seconds since the build started, traces so far)
+    t0 = time.perf_counter()
+    manifest = build(
+        spec, log=lambda _: None, on_shard=lambda s: shards.append((time.perf_counter() - t0, (shards[-1][1] if shards else 0) + s.sampled))
+    )
+    total_s = time.perf_counter() - t0
+    object_store_peak = store.close()
+    ray.shutdown()
+    (first_s, first_rows), (last_s, rows) = shards[0], shards[-1]
+    return {
+        "problems": size,
+        "shards": manifest["shards"],
+        "rows": rows,
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "object_store_peak_mb": round(object_store_peak / 2**20, 2),
+        "first_shard_s": round(first_s, 2),
+        "build_s": round(total_s, 2),
+        "rows_per_s": round(rows / total_s, 1),
+        # after the first shard: the steady rate, without reading, planning and the actor pool's start
+        "rows_per_s_after_first_shard": round((rows - first_rows) / (last_s - first_s), 1) if last_s > first_s else None,
+    }
+
+
+def bench_scale(sizes: list[int], work: Path, shard_size: int, actors: int, uri: bool) -> dict:
+    """Each size in its own driver process, the sizes one after another."""
+    runs = []
+    for size in sizes:
+        command = [sys.executable, "-m", "factory.lab.scale", "--one", str(size), "--work", str(work)]
+        command += ["--shard-size", str(shard_size), "--actors", str(actors)] + (["--uri"] if uri else [])
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        if done.returncode:
+            raise RuntimeError(f"the {size}-problem build failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, last = runs[0], runs[-1]
+    return {
+        "shard_size": shard_size,
+        "num_actors": actors,
+        "storage": "uri (actors write their own files)" if uri else "path (the driver writes)",
+        "rule": FAST_RULE,
+        "runs": runs,
+        "ratios": {
+            f"driver_peak_rss {last['problems']}/{first['problems']}": round(last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"], 3),
+            f"rows_per_s {last['problems']}/{first['problems']}": round(last["rows_per_s"] / first["rows_per_s"], 3),
+        },
+    }
+
+
+def scale_markdown(report: dict, section: str) -> str:
+    columns = ["problems", "shards", "rows", "driver_peak_rss_mb", "object_store_peak_mb", "first_shard_s", "build_s"]
+    columns += ["rows_per_s", "rows_per_s_after_first_shard"]
+    ratios = ", ".join(f"{k}: {v}" for k, v in report["ratios"].items())
+    sizes = " ".join(str(r["problems"]) for r in report["runs"])
+    flags = f"--sizes {sizes} --shard-size {report['shard_size']} --actors {report['num_actors']}"
+    flags += " --uri" if report["storage"].startswith("uri") else ""
+    return f"""## Scale ({section})
+
+`factory bench scale {flags} --section {section}`: a whole build of each size in a fresh driver process,
+with a two-layer random model, `{report["rule"]["rule"]}` at {report["rule"]["rule_params"]["steps"]} passes, k = 1,
+storage: {report["storage"]}. Rows are traces sampled (accepted or filtered). Targets: the driver's peak RSS at
+the largest size within 1.5× of the smallest; rows/s not falling with size.
+
+{markdown_table(report["runs"], columns)}
+
+Ratios (largest/smallest, one run): {ratios}.
+"""
+
+
+def cli_scale(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="factory bench scale", description="Driver memory, object store and rows/s at growing source sizes.")
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help=f"problems per build (default {' '.join(map(str, SIZES))})")
+    ap.add_argument("--shard-size", type=int, default=256, help="problems per shard (default 256)")
+    ap.add_argument("--actors", type=int, default=2, help="model replicas (default 2)")
+    ap.add_argument("--uri", action="store_true", help="write the output through a file:// URI: the actors store their own shards")
+    ap.add_argument("--work", type=Path, default=Path("runs/scale"), help="where the builds and the tiny model go (default runs/scale)")
+    ap.add_argument("--section", default="scale", help="the docs section to write (default scale)")
+    ap.add_argument("--json", type=Path, help="write the report here too")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, in this fresh process
+    args = ap.parse_args(argv)
+    work = args.work.resolve()
+    if args.one:
+        print(json.dumps(measure_one(args.one, work, args.shard_size, args.actors, args.uri)))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    for size in args.sizes:  # every run starts from an empty output
+        shutil.rmtree(work / f"out-{size}", ignore_errors=True)
+    report = bench_scale(args.sizes, work, args.shard_size, args.actors, args.uri)
+    emit(report, args.json)
+    write_section(args.section, scale_markdown(report, args.section))
+
+
+if __name__ == "__main__":
+    cli_scale(sys.argv[1:])
