@@ -22,7 +22,7 @@ from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores
 from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
 from factory.models.adapter import load_tokenizer as load_model_tokenizer
-from schemas.records import Problem, Rejected, ShardResult, TraceRow, WorkerInfo
+from schemas.records import Problem, Rejected, ShardPlan, ShardResult, TraceRow, WorkerInfo
 
 # ---- identities and seeds ------------------------------------------------------------------
 
@@ -34,10 +34,6 @@ def problem_seed(seed: int, problem_id: str) -> int:
 
 def trace_id(spec_hash: str, problem_id: str, sample_index: int) -> str:
     return hashlib.sha256(f"{spec_hash}:{problem_id}:{sample_index}".encode()).hexdigest()[:16]
-
-
-def plan_shards(problems: list[Problem], shard_size: int) -> list[list[Problem]]:
-    return [problems[i : i + shard_size] for i in range(0, len(problems), shard_size)]
 
 
 # ---- read -----------------------------------------------------------------------------------
@@ -156,13 +152,15 @@ def quarantine(problem: Problem, err: BaseException) -> Rejected:
     return Rejected(problem_id=problem.problem_id, source=problem.source, row=-1, raw=raw, reason="shard_error", detail=detail)
 
 
-def process_shard(maker: TraceMaker, shard: int, problems: list[Problem]) -> ShardResult:
+def process_shard(maker: TraceMaker, plan: ShardPlan) -> ShardResult:
     before = dict(maker.timings)
-    traces, quarantined = sample_or_quarantine(maker, problems)
+    traces, quarantined = sample_or_quarantine(maker, plan.problems)
     kept, filtered = filter_traces(traces, maker.spec.filters)
     return ShardResult(
-        shard=shard,
-        problems=len(problems),
+        shard=plan.shard,
+        increment=plan.increment,
+        date=plan.date,
+        problems=len(plan.problems),
         sampled=len(traces),
         accepted=len(kept),
         filtered=dict(Counter(t.filter_reason for t in filtered)),
