@@ -53,23 +53,27 @@ def hf_rows(source: HFSource) -> Iterator[dict]:
 
 
 def local_rows(source: LocalSource) -> Iterator[Any]:
-    """Rows of a JSONL or Parquet file, or of a JSON array. A JSONL line that is not JSON comes back
-    as its text, to be rejected. A `.json` file may hold either an array or JSON lines."""
+    """Rows of a JSONL or Parquet file, or of a JSON array, read as they are consumed (a JSON array,
+    one document, is the exception: it is parsed whole). A JSONL line that is not JSON comes back as
+    its text, to be rejected. A `.json` file may hold either an array or JSON lines."""
     path = Path(source.path)
     fmt = source.format or ("parquet" if path.suffix == ".parquet" else "jsonl")
     if fmt == "parquet":
-        yield from pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
         return
-    text = path.read_text()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        yield from json.loads(text)
-        return
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield line
+    with path.open() as lines:
+        first = lines.read(4096)
+        if path.suffix == ".json" and first.lstrip().startswith("["):
+            yield from json.loads(first + lines.read())
+            return
+        lines.seek(0)
+        for line in lines:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    yield line.rstrip("\n")
 
 
 # ---- rows to problems ---------------------------------------------------------------------
