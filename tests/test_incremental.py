@@ -1,6 +1,7 @@
 """Incremental builds: a source that grows is sampled only for its new problems; what was built never changes."""
 
 import json
+import os
 import random
 from functools import partial
 
@@ -144,3 +145,20 @@ def test_a_poison_problem_is_quarantined_with_its_reason_and_the_rest_of_its_sha
         for r in pq.read_table(path).to_pylist()
     ]
     assert {r["question"] for r in rows} == {p.question for p in pool[:6]} - {poison}
+
+
+def test_two_builds_of_one_output_never_overlap(tmp_path, tiny_adapter, pool):
+    from factory.build.command import cli_build
+    from factory.build.lock import RunLock, lock_path
+
+    source, out = tmp_path / "pool.jsonl", tmp_path / "out"
+    write_source(source, pool[:4])
+    spec = spec_for(source, out)
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    with RunLock(lock_path(out)):  # another run of this output, alive
+        with pytest.raises(SystemExit) as exit_:
+            cli_build([str(tmp_path / "spec.json")])
+        assert str(exit_.value.code).startswith(f"factory build: another run holds {lock_path(out)}: pid {os.getpid()} on host ")
+    assert not out.exists()  # refused before it claimed anything
+    manifest, sampled = run(spec, tiny_adapter)
+    assert sum(sampled) == 8 and manifest["problems"] == 4 and not lock_path(out).exists()

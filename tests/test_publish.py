@@ -28,9 +28,9 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import disable_progress_bars
 from huggingface_hub.utils.sha import git_hash
 
+from factory.build.lock import LockHeld, RunLock, lock_path
 from factory.build.output import DATA_FILE_GLOB
 from factory.publish.hub import PublishError, cli_publish, plan_publish, publish
-from factory.publish.lock import LockHeld, RunLock, lock_path
 
 # huggingface_hub's LFS upload passes the file as `data=`, which its HTTP client deprecates; not this code's to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")

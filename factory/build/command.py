@@ -13,11 +13,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import chain
 
+from factory.build.lock import LockHeld, RunLock, lock_path
 from factory.build.output import BuildDir, BuildError
 from factory.build.runner import run_ray_build
 from factory.build.sources import SourceError, iter_problems
 from factory.build.spec import BuildSpec, SpecError, load_spec
 from factory.build.stages import driver_template
+from factory.build.storage import is_uri
 from factory.models.adapter import ModelNotFound, model_revision
 from schemas.records import Rejected, ShardResult, ShardSummary
 
@@ -58,12 +60,23 @@ def build(
     log: Log = log_line,
     on_shard: Callable[[ShardSummary], None] | None = None,
     runner: Runner | None = None,
+    lock: bool = True,
 ) -> dict:
     """Run (or resume) the build the spec describes; returns the manifest. `on_shard` sees each
     shard's summary once it is stored. The source streams into shard plans (the driver holds one
     shard's problems at a time, and the ids seen); the shards run on Ray (at `address`, else a local
     Ray) unless another `runner` is given, e.g. `runner.run_in_process`: the steps do not know their
-    executor."""
+    executor. A build of a local directory holds its run lock (`lock=False`: the caller holds it);
+    on a URI, keeping two builds apart is the scheduler's job."""
+    if not lock or is_uri(spec.output.dir):
+        return run_build(spec, address, log, on_shard, runner)
+    with RunLock(lock_path(spec.output.dir), log=log):
+        return run_build(spec, address, log, on_shard, runner)
+
+
+def run_build(
+    spec: BuildSpec, address: str | None, log: Log, on_shard: Callable[[ShardSummary], None] | None, runner: Runner | None
+) -> dict:
     check_model(spec)
     rejected: list[Rejected] = []
     problems = iter_problems(spec.source, driver_template(spec), spec.limit, rejected)
@@ -156,5 +169,5 @@ def cli_build(argv: list[str]) -> None:
             print(dry_run(spec))
         else:
             build(spec, args.address)
-    except (BuildError, SourceError) as err:
+    except (BuildError, SourceError, LockHeld) as err:
         sys.exit(f"factory build: {err}")

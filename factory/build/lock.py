@@ -1,7 +1,7 @@
-"""A run lock for scheduled builds: one run at a time per output directory.
+"""A run lock: one build at a time per output directory.
 
-KubeRay's RayCronJob has no concurrency policy, so a build that outlasts its schedule would otherwise
-overlap with the next one and both would write the same output directory. The lock is a file created
+Two builds of one output (two hand-started runs, or a scheduled build that outlasts its schedule:
+KubeRay's RayCronJob has no concurrency policy) would both plan and write the same shards. The lock is a file created
 with O_CREAT|O_EXCL (atomic on local file systems and on NFS v3+), holding JSON {pid, host, started}
 so that a refused run can name its holder.
 
@@ -30,8 +30,8 @@ class LockHeld(RuntimeError):
 
 
 def lock_path(out_dir: str | Path) -> Path:
-    """Where a scheduled build of out_dir keeps its lock: beside the directory, not in it, so a first
-    run can take the lock before the build claims the (still empty) directory, and publish never sees it."""
+    """Where a build of out_dir keeps its lock: beside the directory, not in it, so a first run can
+    take the lock before the build claims the (still empty) directory, and publish never sees it."""
     out = Path(out_dir).resolve()
     return out.with_name(f".{out.name}.lock")
 
