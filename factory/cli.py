@@ -13,7 +13,7 @@ COMMANDS = [
     (("eval",), "factory.lab.evaluate:cli_eval", "decode fresh synthetic problems and report answer accuracy"),
     (("bench", "samplers"), "factory.lab.samplers:cli_samplers", "every unmasking rule on the same problems: accuracy vs forward passes"),
     (("bench", "scoring"), "factory.lab.scoring:cli_scoring", "step scorers on clean and corrupted traces: AUROC vs passes"),
-    (("bench", "precision"), "factory.lab.evaluate:cli_precision", "float32 vs bfloat16 weights: accuracy, speed, batch invariance, AUROCs"),
+    (("bench", "precision"), "factory.lab.evaluate:cli_precision", "float32 vs bfloat16 weights: accuracy, speed, batch invariance"),
     (
         ("bench", "finetune"),
         "factory.lab.finetune:cli_bench_finetune",

@@ -1,8 +1,11 @@
+import random
+
 import pytest
 
 from factory.core.scoring import StepScorer, Trace, TraceScores, share_canvases
+from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
-from factory.synthetic.problems import SyntheticConfig, generate
+from factory.synthetic.problems import SyntheticConfig, corrupt, generate
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +132,59 @@ def test_reads_of_one_canvas_share_a_pass_and_score_as_they_would_alone(tiny_ada
     fresh.score(batch)
     assert fresh.stats == {"forward_passes": 1, "canvases": distinct}  # each distinct canvas read once
     assert shared[-1].forward_passes == 0 and shared[0].forward_passes > 0  # the repeat owns no pass
+
+
+def test_answer_consistency_reads_the_same_slots_with_the_gold_answer_visible(tiny_adapter, template, traces):
+    scorer = StepScorer(tiny_adapter, template)
+    trace = traces[0]
+    masked, visible = scorer.consistency_rows(trace), scorer.consistency_rows(trace, answer_visible=True)
+    assert len(visible) == len(masked) == 2 * len(template.step_spans(trace.reasoning_ids))
+    for (masked_row, masked_pairs), (row, pairs) in zip(masked, visible):
+        spans = template.spans(len(row))
+        assert pairs == masked_pairs and row[spans.reasoning] == masked_row[spans.reasoning]
+        assert row[spans.answer] == trace.answer_ids and all(t == template.mask_id for t in masked_row[spans.answer])
+    scores = scorer.score([trace], answer_consistency=True)[0]
+    means = [sum(v) / len(v) for v in scorer.read_logprobs(visible)]
+    assert scores.answer_result_consistency == pytest.approx(means[0::2], abs=1e-5)
+    assert scores.answer_operand_consistency == pytest.approx(means[1::2], abs=1e-5)
+    assert scores.answer_consistency == pytest.approx([a + b for a, b in zip(means[0::2], means[1::2])], abs=1e-5)
+
+
+def test_answer_consistency_leaves_every_other_score_and_pass_as_it_was(tiny_adapter, template, traces):
+    batch = [*traces, traces[0]]
+    before = StepScorer(tiny_adapter, template, batch_size=16)
+    plain = before.score(batch)
+    after = StepScorer(tiny_adapter, template, batch_size=16)
+    with_answer = after.score(batch, answer_consistency=True)
+    for a, b in zip(plain, with_answer):
+        assert (a.prefix_logp, a.step_scores) == (b.prefix_logp, b.step_scores)
+        assert (a.result_consistency, a.operand_consistency) == (b.result_consistency, b.operand_consistency)
+        assert a.answer_result_consistency is None and len(b.answer_consistency) == len(b.step_scores)
+        with pytest.raises(ValueError, match="answer_consistency=True"):
+            _ = a.answer_consistency
+    # the answer-visible canvases are new ones, 2 per step, read once however many traces repeat them
+    new = sum(2 * len(template.step_spans(t.reasoning_ids)) for t in traces)
+    assert after.stats["canvases"] == before.stats["canvases"] + new
+    assert with_answer[-1].forward_passes == 0
+
+
+def test_answer_consistency_scores_a_corrupted_step_below_the_clean_one(embedded_adapter):
+    tpl = ReasoningTemplate(embedded_adapter.tokenizer)
+    scorer = StepScorer(embedded_adapter, tpl)
+    rng = random.Random(3)
+    compared = 0
+    for p in generate(6, seed=11, config=SyntheticConfig(2, 4)):
+        for kind in ("slip_kept", "wrong_operand"):
+            bad = corrupt(p, kind, rng)
+            if bad is None:
+                continue
+            encoded = [
+                Trace(tpl.encode_question(p.question), tpl.encode_reasoning(steps), tpl.encode_answer(str(p.answer)))
+                for steps in (p.steps, bad.steps)
+            ]
+            clean, corrupted = scorer.score(encoded, answer_consistency=True)
+            j = bad.first_error
+            assert corrupted.answer_consistency[j] < clean.answer_consistency[j] - 1.0
+            assert corrupted.answer_consistency[:j] == pytest.approx(clean.answer_consistency[:j], abs=1e-4)  # before it, the same
+            compared += 1
+    assert compared >= 8

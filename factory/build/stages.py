@@ -57,7 +57,7 @@ class TraceMaker:
     def __init__(self, spec: BuildSpec, adapter: ModelAdapter | None = None):
         self.spec, self.spec_hash = spec, spec.spec_hash()
         m = spec.model
-        self.adapter = adapter or ModelAdapter.load(m.id, m.kind, m.revision, m.trust_remote_code)
+        self.adapter = adapter or ModelAdapter.load(m.id, m.kind, m.revision, m.trust_remote_code, dtype=m.dtype)
         self.template = ReasoningTemplate(self.adapter.tokenizer, spec.template.to_config())
         self.sampler = CanvasSampler(self.adapter, self.template, spec.sampler.to_config())
         self.scorer = StepScorer(self.adapter, self.template, spec.scoring.estimator, spec.scoring.batch_size)

@@ -9,12 +9,14 @@ Self-consistency: two reads per step, needing neither the answer nor a rollout. 
 masks the step's result (and all later reasoning) and asks whether the arithmetic is right; the
 operand read masks the whole step and asks whether its operands and operation are what the
 question calls for. A step the model would not have written scores low on one of them.
+Answer consistency: the same two reads with the gold answer visible, p(step | question, earlier
+steps, gold answer): the answer-conditioned step likelihood, read on canvases of their own.
 All inputs of all traces are independent canvases, so they batch into as few passes as possible.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,7 +25,7 @@ from factory.models.adapter import ModelAdapter
 
 ESTIMATORS = ("marginal", "chain")
 # Which per-step score PRM labels are thresholded from: label source -> TraceScores attribute.
-LABEL_SOURCES = {"self_consistency": "self_consistency", "answer_delta": "step_scores"}
+LABEL_SOURCES = {"self_consistency": "self_consistency", "answer_delta": "step_scores", "answer_consistency": "answer_consistency"}
 
 
 def equals_offset(template: ReasoningTemplate, step_ids: list[int]) -> int:
@@ -45,10 +47,19 @@ class TraceScores:
     result_consistency: list[float]  # mean log p of each step's result, its operands visible
     operand_consistency: list[float]  # mean log p of each step's operands and operator, the step masked
     forward_passes: float  # passes spent on this trace (shared batches counted by row share)
+    # The same two reads with the gold answer visible; None when `score` was not asked for them.
+    answer_result_consistency: list[float] | None = field(default=None)
+    answer_operand_consistency: list[float] | None = field(default=None)
 
     @property
     def self_consistency(self) -> list[float]:
         return [a + b for a, b in zip(self.result_consistency, self.operand_consistency)]
+
+    @property
+    def answer_consistency(self) -> list[float]:
+        if self.answer_result_consistency is None or self.answer_operand_consistency is None:
+            raise ValueError("answer consistency was not read: score(..., answer_consistency=True)")
+        return [a + b for a, b in zip(self.answer_result_consistency, self.answer_operand_consistency)]
 
     @property
     def final_score(self) -> float:
@@ -97,15 +108,17 @@ class StepScorer:
         scored = range(self.template.written_length(answer_ids))
         return self.template.canvas(question_ids, reasoning_ids, None), [(j, answer_ids[j]) for j in scored]
 
-    def consistency_rows(self, trace: Trace) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    def consistency_rows(self, trace: Trace, answer_visible: bool = False) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """Two canvases per step, in step order: the result read (the step up to its last '='
         visible, the result masked) and the operand read (the whole step masked, read at the tokens
         before '='). All later reasoning is masked in both: a later step that reuses a slipped result
         would show it, and the model would read it back (stage 7, 77 traces: slips recomputed from
         scored 0.751 with the later steps visible, 1.0 with them masked). A wrong operand or operation
         is computed correctly, so only the operand read sees it (held out, stage 7: the result read
-        alone separated them at 0.802 / 0.731). A step without '=' is read whole in both."""
+        alone separated them at 0.802 / 0.731). A step without '=' is read whole in both.
+        `answer_visible`: the gold answer written in the answer slots (answer consistency), else masked."""
         tpl, mask = self.template, self.adapter.mask_id
+        answer = trace.answer_ids if answer_visible else None
         rows = []
         for start, end in tpl.step_spans(trace.reasoning_ids):
             step = trace.reasoning_ids[start:end]
@@ -114,7 +127,7 @@ class StepScorer:
             head = range(start, start + eq) if eq > 0 else range(start, end)
             for hidden_from, read in ((result.start, result), (start, head)):
                 reasoning = [mask if i >= hidden_from else t for i, t in enumerate(trace.reasoning_ids)]
-                rows.append((tpl.canvas(trace.question_ids, reasoning, None), [(-1 - i, trace.reasoning_ids[i]) for i in read]))
+                rows.append((tpl.canvas(trace.question_ids, reasoning, answer), [(-1 - i, trace.reasoning_ids[i]) for i in read]))
         return rows
 
     # ---- batched reading -----------------------------------------------------------------
@@ -151,21 +164,28 @@ class StepScorer:
             out.extend([next(values) for _ in pairs] for _, pairs in chunk)
         return out
 
-    def score(self, traces: list[Trace], self_consistency: bool = True) -> list[TraceScores]:
+    def score(self, traces: list[Trace], self_consistency: bool = True, answer_consistency: bool = False) -> list[TraceScores]:
+        """Every trace's scores from one batched read. The answer-visible reads (`answer_consistency`)
+        come after all the others, so the rows and batches of the other scores are the ones they
+        would be without them."""
         prefix = [self.prefix_rows(t) for t in traces]
         consistency = [self.consistency_rows(t) if self_consistency else [] for t in traces]
-        flat = [row for p, c in zip(prefix, consistency) for row in p + c]
+        answered = [self.consistency_rows(t, answer_visible=True) if answer_consistency else [] for t in traces]
+        flat = [row for p, c in zip(prefix, consistency) for row in p + c] + [row for a in answered for row in a]
         values = self.read_logprobs(flat)
-        # A forward pass is charged once, to the first trace that reads its canvas.
+        answered_values = iter(values[len(flat) - sum(map(len, answered)) :])
+        # A forward pass is charged once, to the first trace that reads its canvas (the answer-visible
+        # canvases are never among the others: those mask the answer).
         seen, owned = set(), []
-        for p, c in zip(prefix, consistency):
-            keys = {tuple(canvas) for canvas, _ in p + c} - seen
+        for p, c, a in zip(prefix, consistency, answered):
+            keys = {tuple(canvas) for canvas, _ in p + c + a} - seen
             owned.append(len(keys))
             seen |= keys
         unique = len(seen)
         per_row_passes = (-(-unique // self.batch_size) if unique else 0) / max(1, unique)
+        mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
         results, start = [], 0
-        for t, p, c, rows_owned in zip(traces, prefix, consistency, owned):
+        for t, p, c, own_answered, rows_owned in zip(traces, prefix, consistency, answered, owned):
             pv, cv = values[start : start + len(p)], values[start + len(p) : start + len(p) + len(c)]
             start += len(p) + len(c)
             if self.estimator == "marginal":
@@ -174,8 +194,12 @@ class StepScorer:
                 m = max(1, self.template.written_length(t.answer_ids))
                 logp = [sum(sum(v) for v in pv[k : k + m]) for k in range(0, len(pv), m)]
             steps = [b - a for a, b in zip(logp, logp[1:])]
-            means = [sum(v) / max(1, len(v)) for v in cv]
-            results.append(TraceScores(logp, steps, means[0::2], means[1::2], per_row_passes * rows_owned))
+            means = [mean(v) for v in cv]
+            scores = TraceScores(logp, steps, means[0::2], means[1::2], per_row_passes * rows_owned)
+            if answer_consistency:
+                answered_means = [mean(next(answered_values)) for _ in own_answered]
+                scores.answer_result_consistency, scores.answer_operand_consistency = answered_means[0::2], answered_means[1::2]
+            results.append(scores)
         return results
 
 

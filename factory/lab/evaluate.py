@@ -1,16 +1,23 @@
-"""`factory eval`: decode fresh synthetic problems with the answer masked and score the answers."""
+"""`factory eval`: decode fresh synthetic problems with the answer masked and score the answers.
+
+`factory bench precision`: the same model in float32 and bfloat16 in one run: eval accuracy and
+speed, whether a row's output depends on its batch, and the scorers' AUROCs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from factory.core.sampler import CanvasSampler, SamplerConfig
+from factory.build.spec import SamplerSpec
+from factory.core.sampler import CanvasSampler, Request, SamplerConfig, SampleResult, seed_for
 from factory.core.template import ReasoningTemplate
-from factory.lab.report import emit
-from factory.models.adapter import ModelAdapter
+from factory.lab import scoring
+from factory.lab.report import DOCS, emit, markdown_table, write_section
+from factory.models.adapter import DTYPES, ModelAdapter
 from factory.synthetic import problems as synthetic
 
 
@@ -27,9 +34,10 @@ def accuracy_report(problems: list[synthetic.SyntheticProblem], answers: list[st
     }
 
 
-def evaluate(sampler: CanvasSampler, problems: list[synthetic.SyntheticProblem]) -> dict:
-    """Accuracy, plus each wrong answer's cause at its first step that differs from the gold steps."""
-    results = sampler.generate([p.question for p in problems])
+def evaluate(sampler: CanvasSampler, problems: list[synthetic.SyntheticProblem], results: list[SampleResult] | None = None) -> dict:
+    """Accuracy, plus each wrong answer's cause at its first step that differs from the gold steps
+    (`results`: the problems already decoded, in order)."""
+    results = sampler.generate([p.question for p in problems]) if results is None else results
     answers = [sampler.template.parse_answer(r.answer_ids) for r in results]
     causes = Counter(
         synthetic.classify_decoding(p, sampler.template.split_steps(r.reasoning_ids), a) for p, r, a in zip(problems, results, answers)
@@ -48,11 +56,187 @@ def cli_eval(argv: list[str]) -> None:
     ap.add_argument("--rule", default="left_to_right", help="unmasking rule (default: one token per step, left to right)")
     ap.add_argument("--rule-params", type=json.loads, default={}, help="JSON, e.g. '{\"lam\": 0.3}'")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's weights (auto: bfloat16 where it runs fast)")
     ap.add_argument("--json", type=Path, help="write the report here too")
     args = ap.parse_args(argv)
-    adapter = ModelAdapter.load(args.model)
+    adapter = ModelAdapter.load(args.model, dtype=args.dtype)
     template = ReasoningTemplate(adapter.tokenizer)
     sampler = CanvasSampler(adapter, template, SamplerConfig(rule=args.rule, rule_params=args.rule_params, batch_size=args.batch_size))
     problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(args.min_steps, args.max_steps))
-    report = {"model": adapter.model_id, "seed": args.seed, "rule": args.rule, **evaluate(sampler, problems)}
+    started = time.perf_counter()
+    report = {"model": adapter.model_id, "dtype": dtype_name(adapter), "seed": args.seed, "rule": args.rule, **evaluate(sampler, problems)}
+    report["canvases_per_s"] = round(report["mean_nfe"] * len(problems) / (time.perf_counter() - started), 1)
     emit(report, args.json)
+
+
+# ---- factory bench precision ------------------------------------------------------------------
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def dtype_name(adapter: ModelAdapter) -> str:
+    return str(adapter.dtype).removeprefix("torch.")
+
+
+def same_output(a: SampleResult, b: SampleResult) -> bool:
+    return a.reasoning_ids == b.reasoning_ids and a.answer_ids == b.answer_ids and a.nfe == b.nfe
+
+
+def forward_seconds(adapters: dict, template: ReasoningTemplate, questions: list[str], reps: int) -> dict[str, float]:
+    """Median seconds of one forward pass over a batch of these questions' canvases (reasoning and
+    answer masked), the precisions interleaved so that both see the same machine load."""
+    ids, attention = template.collate([template.canvas(template.encode_question(q)) for q in questions])
+    times: dict[str, list[float]] = {name: [] for name in adapters}
+    for rep in range(reps + 1):
+        for name, adapter in adapters.items():
+            started = time.perf_counter()
+            adapter.logits(ids, attention)
+            if rep:  # the first round warms up
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def requests(template: ReasoningTemplate, problems, posterior: bool, seed: int) -> list[Request]:
+    """One canvas per problem (the gold answer clamped when `posterior`), seeded by its index."""
+    return [
+        Request(
+            template.encode_question(p.question),
+            answer_ids=template.encode_answer(str(p.answer)) if posterior else None,
+            seed=seed_for(seed, i, 0),
+            key=(i, 0),
+        )
+        for i, p in enumerate(problems)
+    ]
+
+
+def rows_changed_by_batch(sampler: CanvasSampler, batch: list[Request]) -> int:
+    """How many rows decoded together in one batch come out different decoded alone (a batch of one)."""
+    together = CanvasSampler(sampler.adapter, sampler.template, SamplerConfig(**{**vars(sampler.config), "batch_size": len(batch)}))
+    alone = CanvasSampler(sampler.adapter, sampler.template, SamplerConfig(**{**vars(sampler.config), "batch_size": 1}))
+    return sum(not same_output(a, b) for a, b in zip(together.run(batch), (alone.run([r])[0] for r in batch)))
+
+
+def scoring_aurocs(adapter: ModelAdapter, template: ReasoningTemplate, cases: dict[str, list[dict]], kinds: dict) -> dict:
+    """The no-rollout scorers' AUROCs on each table of cases (the scoring bench's methods)."""
+    report = {}
+    for table, table_cases in cases.items():
+        methods, _ = scoring.no_rollout_methods(adapter, template, table_cases, 128, kinds[table])
+        report[table] = {name: {k: m[k] for k in ("auroc_partial", "auroc_all")} for name, m in methods.items()}
+    return report
+
+
+def bench_precision(model: str, problems, scoring_problems, batch_size: int, invariance: int, own_k: int, seed: int, reps: int) -> dict:
+    """float32 against bfloat16 on the same problems, every figure from this one run."""
+    adapters = {name: ModelAdapter.load(model, dtype=name) for name in PRECISIONS}
+    template = ReasoningTemplate(adapters["float32"].tokenizer)
+    greedy = {name: CanvasSampler(a, template, SamplerConfig(rule="left_to_right", batch_size=batch_size)) for name, a in adapters.items()}
+    build = {name: CanvasSampler(a, template, SamplerSpec().to_config()) for name, a in adapters.items()}
+    report: dict = {"auto_here": dtype_name(ModelAdapter.load(model, dtype="auto")), "device": str(adapters["float32"].device)}
+    report["forward_s"] = forward_seconds(adapters, template, [p.question for p in problems[:batch_size]], reps)
+    # eval: batches of problems, the precisions taking turns, so that both see the same machine load
+    results: dict[str, list[SampleResult]] = {name: [] for name in PRECISIONS}
+    seconds = dict.fromkeys(PRECISIONS, 0.0)
+    for start in range(0, len(problems), batch_size):
+        batch = requests(template, problems[start : start + batch_size], posterior=False, seed=seed)
+        for name in PRECISIONS:
+            started = time.perf_counter()
+            results[name] += greedy[name].run(batch)
+            seconds[name] += time.perf_counter() - started
+    report["eval"] = {}
+    for name in PRECISIONS:
+        evaluation = evaluate(greedy[name], problems, results[name])
+        canvases = sum(r.nfe for r in results[name])
+        report["eval"][name] = {**evaluation, "seconds": round(seconds[name], 1), "canvases_per_s": round(canvases / seconds[name], 1)}
+    report["eval_rows_differing_between_precisions"] = sum(not same_output(a, b) for a, b in zip(*results.values()))
+    # batch invariance: the first `invariance` problems (mixed question lengths) together, then each alone
+    head = problems[:invariance]
+    report["rows_changed_by_batch"] = {
+        name: {
+            "greedy_left_to_right": rows_changed_by_batch(greedy[name], requests(template, head, posterior=False, seed=seed)),
+            "build_sampler": rows_changed_by_batch(build[name], requests(template, head, posterior=True, seed=seed)),
+            "rows": len(head),
+        }
+        for name in PRECISIONS
+    }
+    # the scorers on the scoring bench's synthetic table and on own traces sampled once (float32)
+    cases = {"synthetic": scoring.encodable(template, scoring.scoring_cases(scoring_problems, seed))}
+    kinds = {"synthetic": scoring.SCORING_KINDS, "own_traces": scoring.OWN_KINDS}
+    if own_k:
+        own = scoring.own_trace_cases(adapters["float32"], template, scoring_problems, own_k, seed)
+        cases["own_traces"] = [c for c in scoring.encodable(template, own) if c["steps"]]
+    report["scoring"] = {name: scoring_aurocs(adapters[name], template, cases, kinds) for name in PRECISIONS}
+    report["scoring_traces"] = {table: len(c) for table, c in cases.items()}
+    return report
+
+
+def precision_markdown(report: dict, command: str) -> str:
+    f32, b16 = (report["eval"][name] for name in PRECISIONS)
+    eval_rows = [
+        {
+            "dtype": name,
+            "accuracy": e["accuracy"],
+            **{f"{k} steps": v for k, v in e["accuracy_by_steps"].items()},
+            "mean_nfe": e["mean_nfe"],
+            "canvases/s": e["canvases_per_s"],
+            "forward_s (batch)": report["forward_s"][name],
+        }
+        for name, e in report["eval"].items()
+    ]
+    step_columns = [f"{k} steps" for k in f32["accuracy_by_steps"]]
+    invariance_rows = [{"dtype": name, **v} for name, v in report["rows_changed_by_batch"].items()]
+    tables = list(report["scoring_traces"])
+    scoring_columns = [f"{table} {name}" for table in tables for name in PRECISIONS]
+    scoring_rows = [
+        {
+            "method": method,
+            **{f"{table} {name}": report["scoring"][name][table][method]["auroc_partial"] for table in tables for name in PRECISIONS},
+        }
+        for method in report["scoring"]["float32"]["synthetic"]
+    ]
+    return (
+        f"## Precision\n\n`{command}` on {report['device']} (`auto` resolves to {report['auto_here']} here): the same model "
+        "loaded in float32 and bfloat16, every figure from this one run.\n\n"
+        f"`factory eval` (greedy, left to right, batches of {report['eval_batch']}, the precisions taking turns batch by batch); "
+        f"`forward_s`: the median of one forward pass over a batch of {report['eval_batch']} canvases. bfloat16 runs "
+        f"{b16['canvases_per_s'] / f32['canvases_per_s']:.2f}x the canvases/s of float32 "
+        f"({report['forward_s']['float32'] / report['forward_s']['bfloat16']:.2f}x on the bare forward pass); "
+        f"{report['eval_rows_differing_between_precisions']} of {f32['n']} decoded rows differ between the two.\n\n"
+        + markdown_table(eval_rows, ["dtype", "accuracy", *step_columns, "mean_nfe", "canvases/s", "forward_s (batch)"])
+        + "\n\nBatch invariance: rows whose output (reasoning, answer, passes) differs between decoding the problem inside "
+        f"one batch of {report['invariance']} problems of mixed question lengths and decoding it alone. `greedy_left_to_right` "
+        "is `factory eval`'s decoding; `build_sampler` the default build's (the gold answer clamped, the spec's rule and "
+        "temperature, each row's own seeded generator).\n\n"
+        + markdown_table(invariance_rows, ["dtype", "greedy_left_to_right", "build_sampler", "rows"])
+        + f"\n\nThe step scorers' `auroc_partial` ({report['scoring_traces']} traces; the own traces sampled once, in float32, "
+        "and scored in each precision):\n\n" + markdown_table(scoring_rows, ["method", *scoring_columns]) + "\n"
+    )
+
+
+def cli_precision(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="factory bench precision", description="float32 against bfloat16 weights, in one run.")
+    ap.add_argument("--n", type=int, default=256, help="eval problems")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--min-steps", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--invariance", type=int, default=64, help="problems decoded in one batch, then each alone")
+    ap.add_argument("--scoring-n", type=int, default=48, help="problems for the scoring bench's tables (0: skip)")
+    ap.add_argument("--own-k", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=5, help="timed forward passes per precision")
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--docs", type=Path, default=DOCS)
+    args = ap.parse_args(argv)
+    problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(args.min_steps, args.max_steps))
+    scoring_problems = synthetic.generate(args.scoring_n, 2026, synthetic.SyntheticConfig(2, 5))
+    report = {
+        "model": args.model,
+        "n": args.n,
+        "seed": args.seed,
+        "eval_batch": args.batch_size,
+        "invariance": args.invariance,
+        **bench_precision(args.model, problems, scoring_problems, args.batch_size, args.invariance, args.own_k, args.seed, args.reps),
+    }
+    emit(report, args.json)
+    command = " ".join(["factory bench precision", *argv]).replace(f" --json {args.json}", "").replace(f" --docs {args.docs}", "")
+    write_section("precision", precision_markdown(report, command), args.docs)

@@ -12,14 +12,18 @@ from factory.build.spec import ScoringSpec
 from factory.core.checks import step_labels
 from factory.core.sampler import CanvasSampler, Request, SamplerConfig, seed_for
 from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, equals_offset, share_canvases
-from factory.core.template import TemplateError
-from factory.lab.report import DOCS, auroc, emit, load, markdown_table, scatter_plot, write_section
+from factory.core.template import ReasoningTemplate, TemplateError
+from factory.lab.report import DOCS, auroc, emit, markdown_table, scatter_plot, write_section
+from factory.models.adapter import DTYPES, ModelAdapter
 from factory.synthetic import problems as synthetic
 
 SCORING_KINDS = synthetic.CORRUPTION_KINDS
 OWN_KINDS = ("arithmetic_slip", "wrong_operand", "wrong_operation", "unreadable_step", "extra_steps")  # at a trace's first departure
 STEPS_LEFT = ("1", "2", "3+")  # reasoning steps a partial prefix leaves masked
 FIRST_ERROR_COLUMNS = ("first_error_accuracy", "lowest_after_first_error")  # where a wrong trace's lowest step falls
+NFE_COLUMNS = ("nfe_per_step", "nfe_beyond_one_pass")  # a method's own distinct canvases; those it adds to the answer reads
+# The consistency reads with the gold answer visible: both reads, and the result read alone.
+ANSWER_CONSISTENCY = ("answer_consistency", "answer_result_consistency")
 LABEL_THRESHOLD_GRID = (-0.1, -0.2, -0.3, -0.5, -0.7, -1.0, -1.5, -2.0, -3.0, -5.0)  # nats, for PRM label calibration
 
 
@@ -46,7 +50,7 @@ def _prefix_values(method: str, scores, k: int) -> float:
 
 
 def _step_values(method: str, scores) -> list[float]:
-    if method in ("self_consistency", "result_consistency"):
+    if method in ("self_consistency", "result_consistency", *ANSWER_CONSISTENCY):
         return getattr(scores, method)
     if method == "combined":
         return [a + b for a, b in zip(scores.step_scores, scores.self_consistency)]
@@ -219,10 +223,11 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
     ]
     total_steps = sum(len(c["steps"]) for c in cases)
     methods = {}
-    marginal_names = ("one_pass", "result_consistency", "self_consistency", "combined")
+    marginal_names = ("one_pass", "result_consistency", "self_consistency", "combined", *ANSWER_CONSISTENCY)
     for estimator, names in (("marginal", marginal_names), ("chain", ("chain_rule",))):
         scorer = StepScorer(adapter, template, estimator=estimator, batch_size=batch_size)
-        scores = scorer.score(traces, self_consistency=estimator == "marginal")
+        marginal = estimator == "marginal"
+        scores = scorer.score(traces, self_consistency=marginal, answer_consistency=marginal)
         if estimator == "marginal":
             marginal_scores = scores
         # Passes are the distinct canvases a method reads (the scorer reads each once): the answer read
@@ -230,18 +235,23 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
         # trace and its corrupted twin share before the error.
         prefix = [row for t in traces for row in scorer.prefix_rows(t)]
         consistency = [row for t in traces for row in scorer.consistency_rows(t)]
+        answered = [row for t in traces for row in scorer.consistency_rows(t, answer_visible=True)]
         distinct = lambda rows: len(share_canvases(rows)[0])  # noqa: E731
-        passes = {
-            "one_pass": distinct(prefix),
-            "chain_rule": distinct(prefix),
-            "result_consistency": distinct(consistency[0::2]),  # its half of the rows: one per step
-            "self_consistency": distinct(consistency),
-            "combined": distinct(prefix + consistency),
+        reads = {
+            "one_pass": prefix,
+            "chain_rule": prefix,
+            "result_consistency": consistency[0::2],  # its half of the rows: one per step
+            "self_consistency": consistency,
+            "combined": prefix + consistency,
+            "answer_result_consistency": answered[0::2],
+            "answer_consistency": answered,
         }
         for name in names:
             values = [[_prefix_values(name, s, k) for k in range(1, len(c["steps"]) + 1)] for c, s in zip(cases, scores)]
             step_values = [_step_values(name, s) for s in scores]
-            methods[name] = summarise(cases, values, step_values, passes[name] / total_steps, kinds)
+            methods[name] = summarise(cases, values, step_values, distinct(reads[name]) / total_steps, kinds)
+            # What a build pays for it on top of the answer reads it always makes (shared canvases read once).
+            methods[name]["nfe_beyond_one_pass"] = round((distinct(prefix + reads[name]) - distinct(prefix)) / total_steps, 3)
     return methods, marginal_scores
 
 
@@ -344,10 +354,10 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: 
 
 def scoring_table(methods: dict, kinds) -> str:
     rows = [
-        {"method": k, **{c: v[c] for c in ("auroc_partial", "auroc_all", *FIRST_ERROR_COLUMNS, "nfe_per_step")}, **v["auroc_by_kind"]}
+        {"method": k, **{c: v.get(c, "") for c in ("auroc_partial", "auroc_all", *FIRST_ERROR_COLUMNS, *NFE_COLUMNS)}, **v["auroc_by_kind"]}
         for k, v in methods.items()
     ]
-    return markdown_table(rows, ["method", "auroc_partial", "auroc_all", *kinds, *FIRST_ERROR_COLUMNS, "nfe_per_step"])
+    return markdown_table(rows, ["method", "auroc_partial", "auroc_all", *kinds, *FIRST_ERROR_COLUMNS, *NFE_COLUMNS])
 
 
 def steps_left_table(methods: dict) -> str:
@@ -375,15 +385,18 @@ def cli_scoring(argv: list[str]) -> None:
     ap.add_argument("--rollouts", type=int, default=8, help="N completions per prefix for the rollout baseline (0: skip)")
     ap.add_argument("--own-k", type=int, default=4, help="the model's own posterior traces per problem, scored too (0: skip)")
     ap.add_argument("--model", default="embedded")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's weights (auto: bfloat16 where it runs fast)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--docs", type=Path, default=DOCS)
     args = ap.parse_args(argv)
-    adapter, template = load(args.model)
+    adapter = ModelAdapter.load(args.model, dtype=args.dtype)
+    template = ReasoningTemplate(adapter.tokenizer)
     problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(args.min_steps, args.max_steps))
     report = {
         "n": args.n,
         "seed": args.seed,
         "model": adapter.model_id,
+        "dtype": str(adapter.dtype).removeprefix("torch."),
         **bench_scoring(adapter, template, problems, args.seed, args.rollouts, args.own_k),
     }
     emit(report, args.json)
@@ -397,11 +410,16 @@ def cli_scoring(argv: list[str]) -> None:
         "step scoring",
     )
     md = (
-        f"## Step scoring\n\n`factory bench scoring --n {args.n} --seed {args.seed} --rollouts {args.rollouts} --own-k {args.own_k}` "
+        f"## Step scoring\n\n`factory bench scoring --n {args.n} --seed {args.seed} --rollouts {args.rollouts} --own-k {args.own_k}"
+        + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
+        + "` "
         f"on `{adapter.model_id}`: "
         f"{report['traces']} traces ({report['by_kind']}) from {args.min_steps}–{args.max_steps} step problems. "
         "A prefix is positive when it holds no error; `auroc_partial` counts only prefixes that stop before the last step. "
-        "Passes are canvas evaluations (one row of one forward pass) per reasoning step.\n\n"
+        "Passes are canvas evaluations (one row of one forward pass) per reasoning step: `nfe_per_step` the distinct canvases a "
+        "method reads, `nfe_beyond_one_pass` those it adds to the answer reads (`one_pass`) a build makes anyway. "
+        "`answer_consistency` is self-consistency's two reads with the gold answer visible in the answer slots, "
+        "p(step | question, earlier steps, gold answer); `answer_result_consistency` its result read alone.\n\n"
         + scoring_table(methods, SCORING_KINDS)
         + f"\n\n![AUROC vs passes]({plot.name})\n"
         + "\n`auroc_partial` by the steps a prefix leaves masked (one pass must compute all of them to move p(gold)):\n\n"

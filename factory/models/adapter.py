@@ -20,6 +20,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 from factory.models.embedded import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
 
 KINDS = ("auto", "masked_lm", "llada", "dream")
+# The weights' precision; auto: bfloat16 where the hardware runs it fast (`bf16_is_fast`), else float32.
+DTYPES = ("auto", "float32", "bfloat16")
 # LLaDA's tokenizer has no mask token registered; its mask id is fixed by the model.
 LLADA_MASK_ID = 126336
 
@@ -62,9 +64,10 @@ class ModelAdapter:
         revision: str | None = None,
         trust_remote_code: bool = False,
         device: str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> ModelAdapter:
-        """Load a model by hub id or path; `None` or 'embedded' loads the shipped embedded model."""
+        """Load a model by hub id or path; `None` or 'embedded' loads the shipped embedded model.
+        `dtype`: one of DTYPES or a torch dtype (see `resolve_dtype`)."""
         if kind not in KINDS:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
         path, name = resolve_model(model_id)
@@ -80,12 +83,38 @@ class ModelAdapter:
         if kind == "auto":
             kind = guess_kind(getattr(config, "model_type", ""))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        dtype = resolve_dtype(dtype, device)
         loader = AutoModelForMaskedLM if kind == "masked_lm" else AutoModel
         model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
         tokenizer = load_tokenizer(model_id, kind, revision, trust_remote_code)
         mask_id = tokenizer.mask_token_id
         return cls(model.to(device).eval(), tokenizer, kind, mask_id, name, recorded)
+
+
+def bf16_is_fast(device: str | torch.device | None = None) -> bool:
+    """bf16 pays off on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), and is far slower than
+    fp32 on AVX2. torch's capability string says only "AVX512" on such a CPU, so ask for the feature
+    itself. No device: the one a model would be placed on (a GPU when there is one)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """The torch dtype of a DTYPES name on this device: auto is bfloat16 where `bf16_is_fast`, else
+    float32. None keeps what callers got before the setting existed: bfloat16 on CUDA, float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"model dtype {dtype!r} is not one of {DTYPES}")
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    return getattr(torch, dtype)
 
 
 def dream_attention(attention_mask: torch.Tensor) -> tuple[torch.Tensor | str, torch.Tensor | None]:
