@@ -85,6 +85,8 @@ def test_med_prefix_stays_contiguous_with_the_written_text():
         ("eb", {"gamma": 0.0}),
         ("med", {"lam": 0.0}),
         ("med_prefix", {"lam": 0.0}),
+        ("step_prefix", {"lam": 0.0}),
+        ("step_prefix", {"lam": 1.5}),
     ],
 )
 def test_every_rule_commits_within_candidates_and_at_least_one_per_unfinished_row(name, params):
@@ -95,6 +97,76 @@ def test_every_rule_commits_within_candidates_and_at_least_one_per_unfinished_ro
     commit = make_rule(name, **params)(StepView(conf, ent, cand, torch.zeros(5, dtype=torch.long), noise))
     assert not (commit & ~cand).any()
     assert (commit.sum(1) >= 1).tolist() == cand.any(1).tolist()
+
+
+# step_prefix: token ids of a toy vocabulary; EQ is the result mark, SEP the step separator
+EQ, SEP, PLUS, FILL = 1, 2, 3, 4
+
+
+def step_view(tokens, entropy, candidates):
+    tokens = torch.tensor([tokens])
+    v = view(entropy=entropy, candidates=candidates)
+    return StepView(v.confidence, v.entropy, v.candidates, v.steps_taken, v.noise, tokens, tokens == EQ)
+
+
+def test_step_prefix_writes_operands_up_to_the_mark_and_the_result_next_pass():
+    rule = make_rule("step_prefix", lam=0.5)
+    # '12 + 7 = 19 \n': everything confident, but the result follows a mark proposed in this pass
+    tokens, low = [12, PLUS, 7, EQ, 19, SEP], [0.0] * 6
+    assert committed(rule(step_view(tokens, low, [True] * 6))) == [0, 1, 2, 3]
+    # next pass: the mark is written, so the result goes, however uncertain, with the separator
+    # and the next step's operands up to its own mark; that step's result waits again
+    tokens = [12, PLUS, 7, EQ, 19, SEP, 5, PLUS, 6, EQ, 11, SEP]
+    entropy = [0.0] * 4 + [2.0] + [0.0] * 7
+    assert committed(rule(step_view(tokens, entropy, [False] * 4 + [True] * 8))) == [4, 5, 6, 7, 8, 9]
+
+
+def test_step_prefix_takes_a_copy_of_the_result_only_when_it_agrees():
+    rule = make_rule("step_prefix", lam=0.5)
+    written = [False] * 4 + [True] * 6  # '12 + 7 =' written; '19 \n 19 + 5 =' proposed
+    # the uncertain copy proposes the result's own token: the pass goes on to the next mark
+    agree = [12, PLUS, 7, EQ, 19, SEP, 19, PLUS, 5, EQ]
+    entropy = [0.0] * 4 + [0.4, 0.0, 3.0, 0.0, 0.0, 0.0]
+    assert committed(rule(step_view(agree, entropy, written))) == [4, 5, 6, 7, 8, 9]
+    # a blind guess of another value stops the pass before it
+    guess = [12, PLUS, 7, EQ, 19, SEP, 23, PLUS, 5, EQ]
+    assert committed(rule(step_view(guess, entropy, written))) == [4, 5]
+    # a confident slot that is not a result does not license copies of itself
+    assert committed(rule(step_view([5, PLUS, 5, EQ], [0.0, 0.0, 3.0, 0.0], [True] * 4))) == [0, 1]
+
+
+def test_step_prefix_without_marks_or_tokens_is_an_entropy_frontier():
+    rule = make_rule("step_prefix", lam=0.5)
+    # the leftmost slot goes however uncertain, then the frontier while below lam
+    assert committed(rule(view(entropy=[2.0, 0.1, 0.2, 0.9, 0.0]))) == [0, 1, 2]
+    tokens = [FILL] * 5
+    assert committed(rule(step_view(tokens, [0.9, 0.1, 0.6, 0.1, 0.0], [False, True, True, True, True]))) == [1]
+
+
+def test_step_prefix_rows_are_independent():
+    rule = make_rule("step_prefix", lam=0.5)
+    tokens = torch.tensor([[12, PLUS, 7, EQ, 19, SEP], [12, PLUS, 7, EQ, 19, SEP]])
+    entropy = torch.zeros(2, 6)
+    candidates = torch.tensor([[True] * 6, [False] * 4 + [True] * 2])
+    v = StepView(entropy, entropy, candidates, torch.zeros(2, dtype=torch.long), entropy, tokens, tokens == EQ)
+    assert rule(v).tolist() == [[True] * 4 + [False] * 2, [False] * 4 + [True] * 2]
+
+
+def test_step_prefix_keeps_the_contract_with_tokens_and_marks():
+    torch.manual_seed(1)
+    rule = make_rule("step_prefix", lam=0.5)
+    for _ in range(50):
+        tokens = torch.randint(0, 5, (6, 12))
+        cand = torch.rand(6, 12) > 0.3
+        cand[0] = False
+        v = StepView(torch.rand(6, 12), torch.rand(6, 12), cand, torch.zeros(6, dtype=torch.long), torch.rand(6, 12), tokens, tokens == EQ)
+        commit = rule(v)
+        assert not (commit & ~cand).any()
+        assert (commit.sum(1) >= 1).tolist() == cand.any(1).tolist()
+        # the committed slots are a run of the row's candidates from its leftmost one
+        for row, c in zip(commit, cand):
+            picked, masked = row.nonzero().squeeze(1).tolist(), c.nonzero().squeeze(1).tolist()
+            assert picked == masked[: len(picked)]
 
 
 def test_unknown_rule_names_the_choices():

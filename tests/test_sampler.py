@@ -11,7 +11,9 @@ def sampler(adapter, template, **kw):
     return CanvasSampler(adapter, template, SamplerConfig(**kw))
 
 
-@pytest.mark.parametrize("rule,params", [("left_to_right", {}), ("med_prefix", {"lam": 2.0}), ("eb", {"gamma": 1.0})])
+@pytest.mark.parametrize(
+    "rule,params", [("left_to_right", {}), ("med_prefix", {"lam": 2.0}), ("eb", {"gamma": 1.0}), ("step_prefix", {"lam": 2.0})]
+)
 def test_greedy_row_is_identical_alone_or_in_a_mixed_length_batch(tiny_adapter, template, rule, params):
     lengths = {len(template.encode_question(q)) for q in QUESTIONS}
     assert len(lengths) > 1  # the batch really mixes prompt lengths
@@ -20,6 +22,29 @@ def test_greedy_row_is_identical_alone_or_in_a_mixed_length_batch(tiny_adapter, 
         alone = sampler(tiny_adapter, template, rule=rule, rule_params=params, batch_size=1).generate([q])[0]
         assert alone.reasoning_ids == together[i].reasoning_ids and alone.answer_ids == together[i].answer_ids
         assert alone.nfe == together[i].nfe
+
+
+@pytest.mark.parametrize("which", ["template", "bpe_template"])
+def test_result_marks_are_the_tokens_that_open_a_result(tiny_adapter, which, request):
+    """'=' found by text, so a BPE tokenizer's fused ' =' counts, as the scorer finds it."""
+    tpl = request.getfixturevalue(which)
+    ids = tpl.encode_text("12 + 7 = 19\n19 * 2 = 38")
+    marks = CanvasSampler(tiny_adapter, tpl).result_marks(torch.tensor([ids, ids[::-1]]))
+    assert marks[0].tolist() == ["=" in tpl.token_text(t) for t in ids] and sum(marks[0].tolist()) == 2
+    assert marks[1].tolist() == marks[0].tolist()[::-1]
+
+
+def test_the_rule_sees_the_tokens_it_commits_and_their_marks(tiny_adapter, template):
+    run = sampler(tiny_adapter, template, rule="step_prefix", rule_params={"lam": 2.0}, batch_size=1)
+    seen, rule = [], run.rule
+    run.rule = lambda v: seen.append((v, rule(v))) or seen[-1][1]
+    result = run.generate(QUESTIONS[:1])[0]
+    final = torch.tensor([result.reasoning_ids + result.answer_ids])
+    assert len(seen) == result.nfe and seen[0][0].candidates.all()
+    for v, commit in seen:
+        assert torch.equal(v.tokens[~v.candidates], final[~v.candidates])  # written slots: their ids
+        assert torch.equal(v.tokens[commit], final[commit])  # proposals: what the pass writes
+        assert torch.equal(v.result_mark, run.result_marks(v.tokens))
 
 
 def test_posterior_never_alters_the_clamped_answer(tiny_adapter, template):

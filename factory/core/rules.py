@@ -22,6 +22,10 @@ class StepView:
     candidates: torch.Tensor  # [B, R] bool, masked slots the rule may commit
     steps_taken: torch.Tensor  # [B] forward passes this row has had before this one
     noise: torch.Tensor  # [B, R] uniform(0, 1) from each row's own generator (for random order)
+    tokens: torch.Tensor | None = None  # [B, R] the proposed ids at candidates, the written ids elsewhere
+    # [B, R] bool, the slot's token (proposed at a candidate, written elsewhere) opens a step's
+    # result: the '=' of 'a + b = c'. None where the caller knows no step structure.
+    result_mark: torch.Tensor | None = None
 
 
 Rule = Callable[[StepView], torch.Tensor]
@@ -129,6 +133,36 @@ def med_prefix(view: StepView, lam: float = 0.3, max_per_step: int | None = None
     return commit
 
 
+def step_prefix(view: StepView, lam: float = 0.5) -> torch.Tensor:
+    """Whole steps over the left frontier: the leftmost masked slot always, then the masked slots
+    after it, in order, while each has entropy below lam or repeats the token of a result written
+    in this pass, up to and including the first result mark ('=') proposed in this pass.
+
+    A step's result is a function of its operands, so it is predicted well only once they are all
+    written: a result after a mark proposed in this pass waits for the next one, and the leftmost
+    slot, a result whose operands are written, is taken however uncertain, with the separator and
+    operands that follow it. A later copy of that result (the next operand, the answer) is guessed
+    blind in the same pass; it goes in only when its proposal is the result's own token. So a pass
+    writes a result and the next step's operands up to their mark; an operand that copies the
+    result just written, guessed otherwise, waits one pass, the one the model needs to read it.
+    """
+    cand = view.candidates
+    marks = view.result_mark if view.result_mark is not None else torch.zeros_like(cand)
+    first = take_top(leftmost_first(cand), cand, torch.ones_like(view.steps_taken))
+    ok = first | (view.entropy < lam)
+    if view.tokens is not None:
+        # results whose operands are written: masked slots right after a written mark
+        result = torch.zeros_like(cand)
+        result[:, 1:] = cand[:, 1:] & marks[:, :-1] & ~cand[:, :-1]
+        same = view.tokens.unsqueeze(2) == view.tokens.unsqueeze(1)  # [B, slot, earlier slot]
+        earlier = torch.ones_like(same[0]).tril(-1)
+        ok |= (same & earlier & result.unsqueeze(1)).any(2)
+    blocked = torch.cumsum((cand & ~ok).int(), dim=1) > 0
+    fresh = (cand & marks).int()  # marks proposed in this pass
+    after_fresh = torch.cumsum(fresh, dim=1) - fresh > 0
+    return (cand & ok & ~blocked & ~after_fresh) | first
+
+
 RULES: dict[str, Callable[..., torch.Tensor]] = {
     "left_to_right": left_to_right,
     "random": random_order,
@@ -138,6 +172,7 @@ RULES: dict[str, Callable[..., torch.Tensor]] = {
     "eb": entropy_bounded,
     "med": med,
     "med_prefix": med_prefix,
+    "step_prefix": step_prefix,
 }
 
 
@@ -145,7 +180,8 @@ def check_rule(rule: Rule, region: int) -> None:
     """Run a rule once on a one-row view of `region` slots, so settings that cannot work there (LLaDA
     blocks that do not divide the steps, a parameter of the wrong type) fail before a model loads."""
     half = torch.full((1, region), 0.5)
-    view = StepView(half, half, torch.ones(1, region, dtype=torch.bool), torch.zeros(1, dtype=torch.long), half)
+    none = torch.zeros(1, region, dtype=torch.long)
+    view = StepView(half, half, torch.ones(1, region, dtype=torch.bool), torch.zeros(1, dtype=torch.long), half, none, none.bool())
     try:
         rule(view)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -18,6 +18,9 @@ from factory.core.rules import StepView, make_rule
 from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
 
+# What opens a step's result in a trace ('a + b = c'); rules that commit whole steps read it.
+RESULT_MARK = "="
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -189,7 +192,8 @@ class CanvasSampler:
             entropy = (-(probs * probs.clamp_min(1e-12).log()).sum(-1)).cpu()
             proposal = proposal.cpu()
             noise = torch.stack([torch.rand(region.numel(), generator=g) for g in row_gens])
-            view = StepView(confidence, entropy, candidates, steps_taken[rows], noise)
+            tokens = torch.where(candidates, proposal, current)
+            view = StepView(confidence, entropy, candidates, steps_taken[rows], noise, tokens, self.result_marks(tokens))
             commit = self.rule(view)
             if cfg.early_exit_gamma is not None:
                 answer_masked = candidates[:, n_reason:]
@@ -216,6 +220,12 @@ class CanvasSampler:
                         admit(slot)
         self.stats["total_s"] += time.perf_counter() - started
         return results
+
+    def result_marks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, R] bool: the tokens that open a step's result, found by text as the scorer finds them
+        (a BPE tokenizer fuses ' =' with its neighbours)."""
+        marked = [t for t in tokens.unique().tolist() if RESULT_MARK in self.template.token_text(t)]
+        return torch.isin(tokens, torch.tensor(marked, dtype=tokens.dtype))
 
 
 def seed_for(seed: int, problem_index: int, sample_index: int) -> int:
