@@ -25,7 +25,10 @@ from factory.models.adapter import ModelAdapter
 
 ESTIMATORS = ("marginal", "chain")
 # Which per-step score PRM labels are thresholded from: label source -> TraceScores attribute.
-LABEL_SOURCES = {"self_consistency": "self_consistency", "answer_delta": "step_scores", "answer_consistency": "answer_consistency"}
+LABEL_SOURCES = {"self_consistency": "self_consistency", "answer_delta": "step_scores"}
+# Scored (`score(..., answer_consistency=True)`) and benchmarked, not a build's label source: it
+# separates no better than self-consistency and reads two canvases per step of its own.
+ANSWER_CONSISTENCY_SOURCE = {"answer_consistency": "answer_consistency"}
 
 
 def equals_offset(template: ReasoningTemplate, step_ids: list[int]) -> int:

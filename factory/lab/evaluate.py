@@ -109,24 +109,31 @@ def requests(template: ReasoningTemplate, problems, posterior: bool, seed: int) 
     ]
 
 
-def rows_changed_by_batch(sampler: CanvasSampler, batch: list[Request]) -> int:
-    """How many rows decoded together in one batch come out different decoded alone (a batch of one)."""
-    together = CanvasSampler(sampler.adapter, sampler.template, SamplerConfig(**{**vars(sampler.config), "batch_size": len(batch)}))
-    alone = CanvasSampler(sampler.adapter, sampler.template, SamplerConfig(**{**vars(sampler.config), "batch_size": 1}))
-    return sum(not same_output(a, b) for a, b in zip(together.run(batch), (alone.run([r])[0] for r in batch)))
+def decode_together(sampler: CanvasSampler, batch: list[Request]) -> list[SampleResult]:
+    """The requests decoded as one batch."""
+    return CanvasSampler(sampler.adapter, sampler.template, SamplerConfig(**{**vars(sampler.config), "batch_size": len(batch)})).run(batch)
+
+
+def rows_changed_by_batch(sampler: CanvasSampler, batch: list[Request], together: list[SampleResult], alone: int) -> int:
+    """Of the first `alone` rows decoded together in one batch, how many come out different decoded alone (a batch of one)."""
+    single = CanvasSampler(sampler.adapter, sampler.template, SamplerConfig(**{**vars(sampler.config), "batch_size": 1}))
+    return sum(not same_output(single.run([r])[0], t) for r, t in zip(batch[:alone], together))
 
 
 def scoring_aurocs(adapter: ModelAdapter, template: ReasoningTemplate, cases: dict[str, list[dict]], kinds: dict) -> dict:
     """The no-rollout scorers' AUROCs on each table of cases (the scoring bench's methods)."""
     report = {}
     for table, table_cases in cases.items():
-        methods, _ = scoring.no_rollout_methods(adapter, template, table_cases, 128, kinds[table])
+        methods, _ = scoring.no_rollout_methods(adapter, template, table_cases, 128, kinds[table], answer_consistency=True)
         report[table] = {name: {k: m[k] for k in ("auroc_partial", "auroc_all")} for name, m in methods.items()}
     return report
 
 
-def bench_precision(model: str, problems, scoring_problems, batch_size: int, invariance: int, own_k: int, seed: int, reps: int) -> dict:
-    """float32 against bfloat16 on the same problems, every figure from this one run."""
+def bench_precision(
+    model: str, problems, scoring_problems, batch_size: int, alone: int, own_k: int, seed: int, reps: int, progress=lambda report: None
+) -> dict:
+    """float32 against bfloat16 on the same problems, every figure from this one run; `progress` is
+    handed the report after each part."""
     adapters = {name: ModelAdapter.load(model, dtype=name) for name in PRECISIONS}
     template = ReasoningTemplate(adapters["float32"].tokenizer)
     greedy = {name: CanvasSampler(a, template, SamplerConfig(rule="left_to_right", batch_size=batch_size)) for name, a in adapters.items()}
@@ -134,10 +141,13 @@ def bench_precision(model: str, problems, scoring_problems, batch_size: int, inv
     report: dict = {"auto_here": dtype_name(ModelAdapter.load(model, dtype="auto")), "device": str(adapters["float32"].device)}
     report["forward_s"] = forward_seconds(adapters, template, [p.question for p in problems[:batch_size]], reps)
     # eval: batches of problems, the precisions taking turns, so that both see the same machine load
+    batches = [
+        requests(template, problems[start : start + batch_size], posterior=False, seed=seed)
+        for start in range(0, len(problems), batch_size)
+    ]
     results: dict[str, list[SampleResult]] = {name: [] for name in PRECISIONS}
     seconds = dict.fromkeys(PRECISIONS, 0.0)
-    for start in range(0, len(problems), batch_size):
-        batch = requests(template, problems[start : start + batch_size], posterior=False, seed=seed)
+    for batch in batches:
         for name in PRECISIONS:
             started = time.perf_counter()
             results[name] += greedy[name].run(batch)
@@ -148,24 +158,31 @@ def bench_precision(model: str, problems, scoring_problems, batch_size: int, inv
         canvases = sum(r.nfe for r in results[name])
         report["eval"][name] = {**evaluation, "seconds": round(seconds[name], 1), "canvases_per_s": round(canvases / seconds[name], 1)}
     report["eval_rows_differing_between_precisions"] = sum(not same_output(a, b) for a, b in zip(*results.values()))
-    # batch invariance: the first `invariance` problems (mixed question lengths) together, then each alone
-    head = problems[:invariance]
-    report["rows_changed_by_batch"] = {
-        name: {
-            "greedy_left_to_right": rows_changed_by_batch(greedy[name], requests(template, head, posterior=False, seed=seed)),
-            "build_sampler": rows_changed_by_batch(build[name], requests(template, head, posterior=True, seed=seed)),
-            "rows": len(head),
+    progress(report)
+    # batch invariance: the first batch (mixed question lengths) decoded together, then its first `alone` rows each alone
+    head = problems[: len(batches[0])]
+    posterior = requests(template, head, posterior=True, seed=seed)
+    report["rows_changed_by_batch"] = {}
+    for name in PRECISIONS:
+        report["rows_changed_by_batch"][name] = {
+            "greedy_left_to_right": rows_changed_by_batch(greedy[name], batches[0], results[name], alone),
+            "build_sampler": rows_changed_by_batch(build[name], posterior, decode_together(build[name], posterior), alone),
+            "rows": min(alone, len(head)),
         }
-        for name in PRECISIONS
-    }
+        progress(report)
+    if not scoring_problems:
+        return report
     # the scorers on the scoring bench's synthetic table and on own traces sampled once (float32)
     cases = {"synthetic": scoring.encodable(template, scoring.scoring_cases(scoring_problems, seed))}
     kinds = {"synthetic": scoring.SCORING_KINDS, "own_traces": scoring.OWN_KINDS}
     if own_k:
         own = scoring.own_trace_cases(adapters["float32"], template, scoring_problems, own_k, seed)
         cases["own_traces"] = [c for c in scoring.encodable(template, own) if c["steps"]]
-    report["scoring"] = {name: scoring_aurocs(adapters[name], template, cases, kinds) for name in PRECISIONS}
     report["scoring_traces"] = {table: len(c) for table, c in cases.items()}
+    report["scoring"] = {}
+    for name in PRECISIONS:
+        report["scoring"][name] = scoring_aurocs(adapters[name], template, cases, kinds)
+        progress(report)
     return report
 
 
@@ -184,14 +201,14 @@ def precision_markdown(report: dict, command: str) -> str:
     ]
     step_columns = [f"{k} steps" for k in f32["accuracy_by_steps"]]
     invariance_rows = [{"dtype": name, **v} for name, v in report["rows_changed_by_batch"].items()]
-    tables = list(report["scoring_traces"])
+    tables = list(report.get("scoring_traces", {}))
     scoring_columns = [f"{table} {name}" for table in tables for name in PRECISIONS]
     scoring_rows = [
         {
             "method": method,
             **{f"{table} {name}": report["scoring"][name][table][method]["auroc_partial"] for table in tables for name in PRECISIONS},
         }
-        for method in report["scoring"]["float32"]["synthetic"]
+        for method in (report["scoring"]["float32"]["synthetic"] if tables else [])
     ]
     return (
         f"## Precision\n\n`{command}` on {report['device']} (`auto` resolves to {report['auto_here']} here): the same model "
@@ -203,13 +220,39 @@ def precision_markdown(report: dict, command: str) -> str:
         f"{report['eval_rows_differing_between_precisions']} of {f32['n']} decoded rows differ between the two.\n\n"
         + markdown_table(eval_rows, ["dtype", "accuracy", *step_columns, "mean_nfe", "canvases/s", "forward_s (batch)"])
         + "\n\nBatch invariance: rows whose output (reasoning, answer, passes) differs between decoding the problem inside "
-        f"one batch of {report['invariance']} problems of mixed question lengths and decoding it alone. `greedy_left_to_right` "
+        f"one batch of {report['eval_batch']} problems of mixed question lengths and decoding it alone. `greedy_left_to_right` "
         "is `factory eval`'s decoding; `build_sampler` the default build's (the gold answer clamped, the spec's rule and "
         "temperature, each row's own seeded generator).\n\n"
         + markdown_table(invariance_rows, ["dtype", "greedy_left_to_right", "build_sampler", "rows"])
-        + f"\n\nThe step scorers' `auroc_partial` ({report['scoring_traces']} traces; the own traces sampled once, in float32, "
-        "and scored in each precision):\n\n" + markdown_table(scoring_rows, ["method", *scoring_columns]) + "\n"
+        + "\n\n"
+        + precision_decision(report["rows_changed_by_batch"])
+        + (
+            f"\n\nThe step scorers' `auroc_partial` ({report['scoring_traces']} traces; the own traces sampled once, in float32, "
+            "and scored in each precision):\n\n" + markdown_table(scoring_rows, ["method", *scoring_columns]) + "\n"
+            if tables
+            else "\n"
+        )
     )
+
+
+def precision_decision(changed: dict) -> str:
+    """The default the batch-invariance figures call for, in words."""
+    moved = {name: v["greedy_left_to_right"] + v["build_sampler"] for name, v in changed.items()}
+    b16 = changed["bfloat16"]
+    if moved["bfloat16"] and not moved["float32"]:
+        return (
+            f"In bfloat16 a row's output depends on its batch ({b16['greedy_left_to_right']} of {b16['rows']} greedy rows and "
+            f"{b16['build_sampler']} of {b16['rows']} build-sampler rows change when decoded alone); in float32 none does. The "
+            "factory promises that a trace does not depend on its batch, shard or resume, so `model.dtype` stays `float32` by "
+            "default (the default build's rows as before); `bfloat16`, and `auto` (bfloat16 where the hardware runs it fast), "
+            "are opt-ins for speed whose traces may change with what they were batched with."
+        )
+    if not any(moved.values()):
+        return (
+            "No row changed with its batch in either precision on these rows; `model.dtype` stays `float32` by default all the "
+            "same, so the default build's rows are the ones it wrote before, and `auto` is an opt-in."
+        )
+    return f"Rows changed by their batch: {moved}; `model.dtype` stays `float32` by default."
 
 
 def cli_precision(argv: list[str]) -> None:
@@ -219,7 +262,7 @@ def cli_precision(argv: list[str]) -> None:
     ap.add_argument("--min-steps", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--invariance", type=int, default=64, help="problems decoded in one batch, then each alone")
+    ap.add_argument("--alone", type=int, default=64, help="rows of the first batch decoded again alone")
     ap.add_argument("--scoring-n", type=int, default=48, help="problems for the scoring bench's tables (0: skip)")
     ap.add_argument("--own-k", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5, help="timed forward passes per precision")
@@ -234,9 +277,13 @@ def cli_precision(argv: list[str]) -> None:
         "n": args.n,
         "seed": args.seed,
         "eval_batch": args.batch_size,
-        "invariance": args.invariance,
-        **bench_precision(args.model, problems, scoring_problems, args.batch_size, args.invariance, args.own_k, args.seed, args.reps),
+        "scoring_n": args.scoring_n,
+        "own_k": args.own_k,
     }
+    partial = lambda part: emit({**report, **part}, args.json)  # noqa: E731
+    report.update(
+        bench_precision(args.model, problems, scoring_problems, args.batch_size, args.alone, args.own_k, args.seed, args.reps, partial)
+    )
     emit(report, args.json)
     command = " ".join(["factory bench precision", *argv]).replace(f" --json {args.json}", "").replace(f" --docs {args.docs}", "")
     write_section("precision", precision_markdown(report, command), args.docs)

@@ -11,7 +11,7 @@ from pathlib import Path
 from factory.build.spec import ScoringSpec
 from factory.core.checks import step_labels
 from factory.core.sampler import CanvasSampler, Request, SamplerConfig, seed_for
-from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, equals_offset, share_canvases
+from factory.core.scoring import ANSWER_CONSISTENCY_SOURCE, LABEL_SOURCES, StepScorer, Trace, equals_offset, share_canvases
 from factory.core.template import ReasoningTemplate, TemplateError
 from factory.lab.report import DOCS, auroc, emit, markdown_table, scatter_plot, write_section
 from factory.models.adapter import DTYPES, ModelAdapter
@@ -24,6 +24,7 @@ FIRST_ERROR_COLUMNS = ("first_error_accuracy", "lowest_after_first_error")  # wh
 NFE_COLUMNS = ("nfe_per_step", "nfe_beyond_one_pass")  # a method's own distinct canvases; those it adds to the answer reads
 # The consistency reads with the gold answer visible: both reads, and the result read alone.
 ANSWER_CONSISTENCY = ("answer_consistency", "answer_result_consistency")
+BENCH_LABEL_SOURCES = {**LABEL_SOURCES, **ANSWER_CONSISTENCY_SOURCE}  # the build's label sources and the candidate
 LABEL_THRESHOLD_GRID = (-0.1, -0.2, -0.3, -0.5, -0.7, -1.0, -1.5, -2.0, -3.0, -5.0)  # nats, for PRM label calibration
 
 
@@ -210,9 +211,11 @@ def lookahead_report(adapter, template, problems, batch_size: int = 128) -> dict
     return {left: {"prefixes": c["prefixes"], **{k: c[k] / c["prefixes"] for k in columns}} for left, c in tally.items() if c["prefixes"]}
 
 
-def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, kinds=SCORING_KINDS) -> tuple[dict, list]:
+def no_rollout_methods(
+    adapter, template, cases: list[dict], batch_size: int, kinds=SCORING_KINDS, answer_consistency: bool = False
+) -> tuple[dict, list]:
     """Every scorer that reads the model without sampling, summarised over the cases; and the
-    marginal estimator's scores of each case."""
+    marginal estimator's scores of each case. `answer_consistency`: the answer-visible reads too."""
     traces = [
         Trace(
             template.encode_question(c["problem"].question),
@@ -223,11 +226,11 @@ def no_rollout_methods(adapter, template, cases: list[dict], batch_size: int, ki
     ]
     total_steps = sum(len(c["steps"]) for c in cases)
     methods = {}
-    marginal_names = ("one_pass", "result_consistency", "self_consistency", "combined", *ANSWER_CONSISTENCY)
+    marginal_names = ("one_pass", "result_consistency", "self_consistency", "combined", *(ANSWER_CONSISTENCY if answer_consistency else ()))
     for estimator, names in (("marginal", marginal_names), ("chain", ("chain_rule",))):
         scorer = StepScorer(adapter, template, estimator=estimator, batch_size=batch_size)
         marginal = estimator == "marginal"
-        scores = scorer.score(traces, self_consistency=marginal, answer_consistency=marginal)
+        scores = scorer.score(traces, self_consistency=marginal, answer_consistency=marginal and answer_consistency)
         if estimator == "marginal":
             marginal_scores = scores
         # Passes are the distinct canvases a method reads (the scorer reads each once): the answer read
@@ -265,7 +268,7 @@ def true_first_error(case: dict) -> int | None:
 
 def case_labels(case: dict, trace_scores, source: str, threshold: float | None) -> list[bool]:
     """A case's PRM step labels from one label source; threshold None: the exact checks alone."""
-    scores = getattr(trace_scores, LABEL_SOURCES[source])
+    scores = getattr(trace_scores, BENCH_LABEL_SOURCES[source])
     return step_labels(case["steps"], str(case["problem"].answer), scores, -math.inf if threshold is None else threshold)
 
 
@@ -294,12 +297,12 @@ def label_quality(cases: list[dict], scores: list, source: str, threshold: float
     }
 
 
-def prm_label_report(cases: list[dict], scores: list) -> dict:
+def prm_label_report(cases: list[dict], scores: list, sources=LABEL_SOURCES) -> dict:
     """Per label source: the labels at the spec's default threshold, and the threshold of the grid
     with the best balanced accuracy (to calibrate another model; only with both good and bad steps).
     Then the exact checks alone, which every source builds on: what a score adds."""
     report = {}
-    for source in LABEL_SOURCES:
+    for source in sources:
         report[source] = {"at_default": label_quality(cases, scores, source, ScoringSpec().label_threshold)}
         sweep = [label_quality(cases, scores, source, t) for t in LABEL_THRESHOLD_GRID]
         if all(q["good_steps_kept"] is not None and q["bad_steps_caught"] is not None for q in sweep):
@@ -324,9 +327,11 @@ def sft_filter_report(cases: list[dict], scores: list) -> dict:
     }
 
 
-def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: int = 0, batch_size: int = 128) -> dict:
+def bench_scoring(
+    adapter, template, problems, seed: int, rollouts: int, own_k: int = 0, batch_size: int = 128, answer_consistency: bool = False
+) -> dict:
     cases = encodable(template, scoring_cases(problems, seed))
-    methods, _ = no_rollout_methods(adapter, template, cases, batch_size)
+    methods, _ = no_rollout_methods(adapter, template, cases, batch_size, answer_consistency=answer_consistency)
     values, passes = med_completion_values(adapter, template, cases, batch_size=64)
     methods["med_completion"] = summarise(cases, values, [None] * len(cases), passes)
     if rollouts:
@@ -340,13 +345,13 @@ def bench_scoring(adapter, template, problems, seed: int, rollouts: int, own_k: 
     }
     if own_k:
         own = [c for c in encodable(template, own_trace_cases(adapter, template, problems, own_k, seed)) if c["steps"]]
-        own_methods, own_scores = no_rollout_methods(adapter, template, own, batch_size, OWN_KINDS)
+        own_methods, own_scores = no_rollout_methods(adapter, template, own, batch_size, OWN_KINDS, answer_consistency)
         report["own_traces"] = {
             "sampled": len(problems) * own_k,
             "traces": len(own),
             "by_kind": {k: sum(c["kind"] == k for c in own) for k in ("clean", *OWN_KINDS)},
             "methods": own_methods,
-            "prm_labels": prm_label_report(own, own_scores),
+            "prm_labels": prm_label_report(own, own_scores, BENCH_LABEL_SOURCES if answer_consistency else LABEL_SOURCES),
             "sft_filter": sft_filter_report(own, own_scores),
         }
     return report
@@ -384,6 +389,9 @@ def cli_scoring(argv: list[str]) -> None:
     ap.add_argument("--max-steps", type=int, default=5)
     ap.add_argument("--rollouts", type=int, default=8, help="N completions per prefix for the rollout baseline (0: skip)")
     ap.add_argument("--own-k", type=int, default=4, help="the model's own posterior traces per problem, scored too (0: skip)")
+    ap.add_argument(
+        "--answer-consistency", action="store_true", help="also the consistency reads with the gold answer visible (2 canvases a step)"
+    )
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's weights (auto: bfloat16 where it runs fast)")
     ap.add_argument("--json", type=Path)
@@ -397,7 +405,7 @@ def cli_scoring(argv: list[str]) -> None:
         "seed": args.seed,
         "model": adapter.model_id,
         "dtype": str(adapter.dtype).removeprefix("torch."),
-        **bench_scoring(adapter, template, problems, args.seed, args.rollouts, args.own_k),
+        **bench_scoring(adapter, template, problems, args.seed, args.rollouts, args.own_k, answer_consistency=args.answer_consistency),
     }
     emit(report, args.json)
     methods = report["methods"]
@@ -411,15 +419,21 @@ def cli_scoring(argv: list[str]) -> None:
     )
     md = (
         f"## Step scoring\n\n`factory bench scoring --n {args.n} --seed {args.seed} --rollouts {args.rollouts} --own-k {args.own_k}"
+        + (" --answer-consistency" if args.answer_consistency else "")
         + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
         + "` "
         f"on `{adapter.model_id}`: "
         f"{report['traces']} traces ({report['by_kind']}) from {args.min_steps}–{args.max_steps} step problems. "
         "A prefix is positive when it holds no error; `auroc_partial` counts only prefixes that stop before the last step. "
         "Passes are canvas evaluations (one row of one forward pass) per reasoning step: `nfe_per_step` the distinct canvases a "
-        "method reads, `nfe_beyond_one_pass` those it adds to the answer reads (`one_pass`) a build makes anyway. "
-        "`answer_consistency` is self-consistency's two reads with the gold answer visible in the answer slots, "
-        "p(step | question, earlier steps, gold answer); `answer_result_consistency` its result read alone.\n\n"
+        "method reads, `nfe_beyond_one_pass` those it adds to the answer reads (`one_pass`) a build makes anyway."
+        + (
+            " `answer_consistency` is self-consistency's two reads with the gold answer visible in the answer slots, "
+            "p(step | question, earlier steps, gold answer); `answer_result_consistency` its result read alone."
+            if args.answer_consistency
+            else ""
+        )
+        + "\n\n"
         + scoring_table(methods, SCORING_KINDS)
         + f"\n\n![AUROC vs passes]({plot.name})\n"
         + "\n`auroc_partial` by the steps a prefix leaves masked (one pass must compute all of them to move p(gold)):\n\n"
