@@ -133,7 +133,7 @@ def med_prefix(view: StepView, lam: float = 0.3, max_per_step: int | None = None
     return commit
 
 
-def step_prefix(view: StepView, lam: float = 0.5) -> torch.Tensor:
+def step_prefix(view: StepView, lam: float = 0.3) -> torch.Tensor:
     """Whole steps over the left frontier: the leftmost masked slot always, then the masked slots
     after it, in order, while each has entropy below lam or repeats the token of a result written
     in this pass, up to and including the first result mark ('=') proposed in this pass.

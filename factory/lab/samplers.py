@@ -34,6 +34,7 @@ SAMPLER_SETTINGS: dict[str, tuple[str, dict, float | None]] = {
     "med_prefix0.3+ee0.1": ("med_prefix", {"lam": 0.3}, 0.1),
     "med_prefix0.3+ee0.01": ("med_prefix", {"lam": 0.3}, 0.01),
     "med_prefix1.0+ee0.1": ("med_prefix", {"lam": 1.0}, 0.1),
+    "step_prefix0.3": ("step_prefix", {"lam": 0.3}, None),
     "step_prefix0.5": ("step_prefix", {"lam": 0.5}, None),
     "step_prefix1.0": ("step_prefix", {"lam": 1.0}, None),
 }
