@@ -42,3 +42,18 @@ def test_the_dtype_setting_reaches_the_model(tiny_model_dir, dtype, expected):
     maker = TraceMaker(spec)
     assert maker.adapter.dtype is expected
     assert {p.dtype for p in maker.adapter.model.parameters()} == {expected}
+
+
+def test_precision_bench_counts_rows_a_batch_changes_and_words_the_default(tiny_adapter, template):
+    from factory.core.sampler import CanvasSampler, SamplerConfig
+    from factory.lab.evaluate import decode_together, precision_decision, requests, rows_changed_by_batch
+    from factory.synthetic.problems import SyntheticConfig, generate
+
+    problems = generate(4, seed=4, config=SyntheticConfig(1, 5))
+    sampler = CanvasSampler(tiny_adapter, template, SamplerConfig(rule="left_to_right"))
+    batch = requests(template, problems, posterior=False, seed=0)
+    assert rows_changed_by_batch(sampler, batch, decode_together(sampler, batch), alone=3) == 0  # float32: none
+    changed = {"float32": {"greedy_left_to_right": 0, "build_sampler": 0, "rows": 8}}
+    moved = precision_decision({**changed, "bfloat16": {"greedy_left_to_right": 2, "build_sampler": 1, "rows": 8}})
+    assert "2 of 8 greedy rows" in moved and "stays `float32` by default" in moved
+    assert "stays `float32` by default" in precision_decision({**changed, "bfloat16": changed["float32"]})
