@@ -113,9 +113,9 @@ class ModelSpec(BaseModel):
     kind: Literal[KINDS] = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
-    # float32 by default: a trace must not depend on its batch, and the default build's rows stay as
-    # they were (the precision section of docs/benchmarks.md measures bfloat16). Left out of the dump
-    # at float32, so the spec hash, and with it every trace id, of a spec without the key is unchanged.
+    # float32 by default: a trace must not depend on its batch, and in bfloat16 some do (the precision
+    # section of docs/benchmarks.md). Left out of the dump at float32, so the spec hash, and with it
+    # every trace id, of a spec without the key is the one it had before the setting existed.
     dtype: Literal[DTYPES] = Field(
         "float32",
         exclude_if=lambda dtype: dtype == "float32",

@@ -96,6 +96,18 @@ def forward_seconds(adapters: dict, template: ReasoningTemplate, questions: list
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def logit_shift(adapter: ModelAdapter, template: ReasoningTemplate, questions: list[str], alone: int) -> float:
+    """The largest change of a logit between reading a canvas (reasoning and answer masked) inside a
+    batch of these questions and reading it alone, over the first `alone` canvases."""
+    rows = [template.canvas(template.encode_question(q)) for q in questions]
+    together = adapter.logits(*template.collate(rows))
+    shift = 0.0
+    for i, row in enumerate(rows[:alone]):
+        single = adapter.logits(*template.collate([row]))[0]
+        shift = max(shift, float((single - together[i, -len(row) :]).abs().max()))
+    return shift
+
+
 def requests(template: ReasoningTemplate, problems, posterior: bool, seed: int) -> list[Request]:
     """One canvas per problem (the gold answer clamped when `posterior`), seeded by its index."""
     return [
@@ -140,6 +152,8 @@ def bench_precision(
     build = {name: CanvasSampler(a, template, SamplerSpec().to_config()) for name, a in adapters.items()}
     report: dict = {"auto_here": dtype_name(ModelAdapter.load(model, dtype="auto")), "device": str(adapters["float32"].device)}
     report["forward_s"] = forward_seconds(adapters, template, [p.question for p in problems[:batch_size]], reps)
+    questions = [p.question for p in problems[:batch_size]]
+    report["max_logit_shift"] = {name: logit_shift(a, template, questions, min(alone, 16)) for name, a in adapters.items()}
     # eval: batches of problems, the precisions taking turns, so that both see the same machine load
     batches = [
         requests(template, problems[start : start + batch_size], posterior=False, seed=seed)
@@ -227,8 +241,20 @@ def precision_markdown(report: dict, command: str) -> str:
         + "\n\n"
         + precision_decision(report["rows_changed_by_batch"])
         + (
-            f"\n\nThe step scorers' `auroc_partial` ({report['scoring_traces']} traces; the own traces sampled once, in float32, "
-            "and scored in each precision):\n\n" + markdown_table(scoring_rows, ["method", *scoring_columns]) + "\n"
+            " The largest change of a logit between reading a canvas alone and inside the batch (its first pass, "
+            f"{min(report['alone'], 16)} canvases): "
+            + ", ".join(f"{name} {shift:.2g}" for name, shift in report["max_logit_shift"].items())
+            + "."
+            if "max_logit_shift" in report
+            else ""
+        )
+        + " The samplers table is not measured in bfloat16 here (`factory bench samplers` has no `--dtype` yet)."
+        + (
+            f"\n\nThe step scorers' `auroc_partial` on the scoring bench's tables: its first {report['scoring_n']} problems "
+            f"(2–5 steps, seed 2026), corrupted and sampled with seed {report['seed']}, {report['own_k']} own traces per problem "
+            f"sampled once, in float32 ({report['scoring_traces']} traces), every trace scored in each precision:\n\n"
+            + markdown_table(scoring_rows, ["method", *scoring_columns])
+            + "\n"
             if tables
             else "\n"
         )
@@ -242,7 +268,15 @@ def precision_decision(changed: dict) -> str:
     if moved["bfloat16"] and not moved["float32"]:
         return (
             f"In bfloat16 a row's output depends on its batch ({b16['greedy_left_to_right']} of {b16['rows']} greedy rows and "
-            f"{b16['build_sampler']} of {b16['rows']} build-sampler rows change when decoded alone); in float32 none does. The "
+            f"{b16['build_sampler']} of {b16['rows']} build-sampler rows change when decoded alone); in float32 none does. "
+            + (
+                "Greedy decoding stayed batch-invariant on these rows, but that is no guarantee: the batch moves a row's "
+                "bfloat16 logits (see below), which flips a greedy argmax only at a near-tie and a sampled token or a "
+                "commit decision more often. "
+                if not b16["greedy_left_to_right"]
+                else ""
+            )
+            + "The "
             "factory promises that a trace does not depend on its batch, shard or resume, so `model.dtype` stays `float32` by "
             "default (the default build's rows as before); `bfloat16`, and `auto` (bfloat16 where the hardware runs it fast), "
             "are opt-ins for speed whose traces may change with what they were batched with."
@@ -277,6 +311,7 @@ def cli_precision(argv: list[str]) -> None:
         "n": args.n,
         "seed": args.seed,
         "eval_batch": args.batch_size,
+        "alone": args.alone,
         "scoring_n": args.scoring_n,
         "own_k": args.own_k,
     }
