@@ -30,12 +30,13 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, ModernBertForMaske
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from factory.core.template import ReasoningTemplate  # noqa: E402
+from factory.models.adapter import bf16_is_fast  # noqa: E402
 from factory.models.embedded import embedded_config  # noqa: E402
 from factory.models.tokenizer import build_tokenizer  # noqa: E402
 from factory.synthetic import problems as synthetic  # noqa: E402
 from factory.train.batches import SyntheticBatches, masked_loss, response_slots  # noqa: E402
 from factory.train.layouts import LAYOUTS, parse_mix  # noqa: E402
-from factory.train.optim import bf16_is_fast, lr_at  # noqa: E402
+from factory.train.optim import lr_at  # noqa: E402
 
 # The default mix; a layout not named weighs 0.
 DEFAULT_MIX = ("uniform=0.15", "prefix=0.1", "corrupted=0.1", "results=0.05", "next_result=0.15", "next_token=0.25", "far_operand=0.2")

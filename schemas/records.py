@@ -97,6 +97,7 @@ class WorkerInfo(BaseModel):
 
     actor: str = Field(description="host:pid of the process that sampled the shard")
     device: str
+    dtype: str = Field(description="the precision the model's weights ran in (model.dtype resolved on this actor)")
     cuda_visible_devices: str | None
     gpu_ids: list[str] = Field(default_factory=list, description="GPU ids Ray assigned to the actor")
 

@@ -355,6 +355,7 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     manifest = out.assemble(spec, len(sizes), rejected)
     assert manifest["problems"] == 3 and manifest["traces_sampled"] == 6 and manifest["accepted"] == 6
     assert manifest["empty_configs"] == ["filtered", "rejected"]
+    assert [(w["device"], w["dtype"]) for w in manifest["workers"]] == [("cpu", "float32")]  # the precision it ran in
     traces = [row for name in manifest["files"]["traces"] for row in from_table(pq.read_table(root / name), TraceRow)]
     assert {t.trace_id for t in traces} == {t.trace_id for t in together}
     sft = pq.read_table(root / manifest["files"]["sft"][0]).to_pylist()[0]

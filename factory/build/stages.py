@@ -116,13 +116,14 @@ class TraceMaker:
 # ---- one shard: sample + score + filter ------------------------------------------------------
 
 
-def worker_info(device: str) -> WorkerInfo:
+def worker_info(adapter: ModelAdapter) -> WorkerInfo:
     import ray
 
     gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray.is_initialized() else []
     return WorkerInfo(
         actor=f"{socket.gethostname()}:{os.getpid()}",
-        device=device,
+        device=str(adapter.device),
+        dtype=str(adapter.dtype).removeprefix("torch."),
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         gpu_ids=[str(g) for g in gpu_ids],
     )
@@ -169,7 +170,7 @@ def process_shard(maker: TraceMaker, plan: ShardPlan) -> ShardResult:
         step_count=sum(len(t.step_scores) for t in traces),
         sample_s=maker.timings["sample_s"] - before["sample_s"],
         score_s=maker.timings["score_s"] - before["score_s"],
-        worker=worker_info(str(maker.adapter.device)),
+        worker=worker_info(maker.adapter),
         traces=kept,
         filtered_traces=filtered,
         quarantined=quarantined,

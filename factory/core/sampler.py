@@ -18,9 +18,6 @@ from factory.core.rules import StepView, make_rule
 from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
 
-# What opens a step's result in a trace ('a + b = c'); rules that commit whole steps read it.
-RESULT_MARK = "="
-
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -222,9 +219,8 @@ class CanvasSampler:
         return results
 
     def result_marks(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, R] bool: the tokens that open a step's result, found by text as the scorer finds them
-        (a BPE tokenizer fuses ' =' with its neighbours)."""
-        marked = [t for t in tokens.unique().tolist() if RESULT_MARK in self.template.token_text(t)]
+        """[B, R] bool: the tokens that open a step's result (`ReasoningTemplate.is_result_mark`)."""
+        marked = [t for t in tokens.unique().tolist() if self.template.is_result_mark(t)]
         return torch.isin(tokens, torch.tensor(marked, dtype=tokens.dtype))
 
 

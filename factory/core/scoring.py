@@ -33,7 +33,7 @@ ANSWER_CONSISTENCY_SOURCE = {"answer_consistency": "answer_consistency"}
 
 def equals_offset(template: ReasoningTemplate, step_ids: list[int]) -> int:
     """Offset of a step's last '=' token, -1 if it has none; found by text, as BPE fuses ' ='."""
-    return max((i for i, t in enumerate(step_ids) if "=" in template.token_text(t)), default=-1)
+    return max((i for i, t in enumerate(step_ids) if template.is_result_mark(t)), default=-1)
 
 
 @dataclass(frozen=True)

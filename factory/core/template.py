@@ -24,6 +24,10 @@ class TemplateError(ValueError):
         self.reason, self.detail = reason, detail
 
 
+# What opens a step's result in a trace ('a + b = c'): the scorer reads around it, step rules wait on it.
+RESULT_MARK = "="
+
+
 @dataclass(frozen=True)
 class TemplateConfig:
     """Canvas lengths and delimiters. LLaDA/GSM8k as in the paper: reasoning_slots=256 - 10 - len(delimiter
@@ -160,6 +164,11 @@ class ReasoningTemplate:
         if text is None:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
         return text
+
+    def is_result_mark(self, token_id: int) -> bool:
+        """Whether a token opens a step's result ('a + b = c'): found by text, as a BPE tokenizer
+        fuses ' =' with its neighbours."""
+        return RESULT_MARK in self.token_text(token_id)
 
     def step_spans(self, reasoning_ids: list[int]) -> list[tuple[int, int]]:
         """Token spans [start, end) of the steps in a reasoning region, separators excluded.

@@ -29,10 +29,10 @@ import yaml
 
 from factory.build.spec import BuildSpec, SpecError, validate_spec
 from factory.core.template import ReasoningTemplate, TemplateError
-from factory.models.adapter import load_tokenizer, looks_like_path, model_revision, resolve_model
+from factory.models.adapter import bf16_is_fast, load_tokenizer, looks_like_path, model_revision, resolve_model
 from factory.train.batches import Example, collate, make_row, masked_loss, response_slots
 from factory.train.layouts import check_mix, mix_weights, parse_mix
-from factory.train.optim import bf16_is_fast, lr_at
+from factory.train.optim import lr_at
 
 # LLaDA's SFT loss beside the layouts a trained MDLM decodes with: uniform masking alone erodes the
 # targeted decoding a model learned. docs/benchmarks.md (bench:finetune) holds what this mix measures.
