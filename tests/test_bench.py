@@ -48,6 +48,10 @@ def test_sampler_bench_reports_every_setting(tiny_adapter, template):
     report = {"n": 4, "seed": 5, "model": "tiny", "batch_size": 4, "rules": rules, "batching": batching}
     table = samplers.samplers_markdown(report, "plot.png")
     assert all(f"| {name} |" in table for name in settings) and "accuracy_delta_vs_entropy_pt" in table
+    assert table.startswith("## Samplers\n\n`factory bench samplers --n 4 --seed 5`")
+    bf16 = samplers.samplers_markdown({**report, "dtype": "bfloat16"}, "plot.png")  # its own section, and says how it was run
+    command = "`factory bench samplers --n 4 --seed 5 --dtype bfloat16 --section samplers-bfloat16`"
+    assert bf16.startswith(f"## Samplers (bfloat16 weights)\n\n{command}")
 
 
 def test_scoring_bench_reports_every_method_and_kind(tiny_adapter, template):

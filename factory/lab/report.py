@@ -74,8 +74,8 @@ def scatter_plot(path: Path, points: dict[str, tuple[float, float]], xlabel: str
     plt.close(fig)
 
 
-def load(model: str) -> tuple[ModelAdapter, ReasoningTemplate]:
-    adapter = ModelAdapter.load(model)
+def load(model: str, dtype: str | None = None) -> tuple[ModelAdapter, ReasoningTemplate]:
+    adapter = ModelAdapter.load(model, dtype=dtype)
     return adapter, ReasoningTemplate(adapter.tokenizer)
 
 

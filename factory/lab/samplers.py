@@ -9,6 +9,7 @@ from pathlib import Path
 from factory.core.sampler import CanvasSampler, SamplerConfig
 from factory.lab.evaluate import accuracy_report
 from factory.lab.report import DOCS, emit, load, markdown_table, scatter_plot, write_section
+from factory.models.adapter import DTYPES
 from factory.synthetic import problems as synthetic
 
 BASELINE = "left_to_right"
@@ -103,10 +104,12 @@ def cli_samplers(argv: list[str]) -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--only", nargs="*", help="run only these settings")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's weights (auto: bfloat16 where it runs fast)")
+    ap.add_argument("--section", default="samplers", help="the docs section (and plot name) to write (default samplers)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--docs", type=Path, default=DOCS)
     args = ap.parse_args(argv)
-    adapter, template = load(args.model)
+    adapter, template = load(args.model, args.dtype)
     problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(2, 4))
     settings = {k: v for k, v in SAMPLER_SETTINGS.items() if not args.only or k in args.only or k in (BASELINE, ENTROPY_BASELINE)}
     rules = bench_samplers(adapter, template, problems, settings, args.batch_size)
@@ -115,16 +118,17 @@ def cli_samplers(argv: list[str]) -> None:
         "n": args.n,
         "seed": args.seed,
         "model": adapter.model_id,
+        "dtype": str(adapter.dtype).removeprefix("torch."),
         "batch_size": args.batch_size,
         "rules": rules,
         "batching": batching,
     }
     emit(report, args.json)
-    plot = args.docs.parent / "samplers_pareto.png"
+    plot = args.docs.parent / f"{args.section}_pareto.png"
     scatter_plot(
         plot, {k: (v["mean_nfe"], v["accuracy"]) for k, v in rules.items()}, "mean forward passes (NFE)", "accuracy", "accuracy vs NFE"
     )
-    write_section("samplers", samplers_markdown(report, plot.name), args.docs)
+    write_section(args.section, samplers_markdown(report, plot.name), args.docs)
 
 
 def samplers_markdown(report: dict, plot_name: str) -> str:
@@ -141,8 +145,11 @@ def samplers_markdown(report: dict, plot_name: str) -> str:
         "traces_per_s",
         "outside_forward_share",
     ]
+    dtype = report.get("dtype", "float32")
+    title, flags = ("", "") if dtype == "float32" else (f" ({dtype} weights)", f" --dtype {dtype} --section samplers-{dtype}")
     return (
-        f"## Samplers\n\n`factory bench samplers --n {report['n']} --seed {report['seed']}` on `{report['model']}`, 2–4 step problems, "
+        f"## Samplers{title}\n\n`factory bench samplers --n {report['n']} --seed {report['seed']}{flags}` on `{report['model']}`, "
+        "2–4 step problems, "
         f"batch {report['batch_size']}, greedy. Early exit (`+ee`) writes the answer and the remaining reasoning in the pass where the "
         "answer slots' summed entropy drops below γ. Ratios and `accuracy_delta_pt` are against one-token-per-step left-to-right "
         "decoding; `accuracy_delta_vs_entropy_pt` against one token per pass in lowest-entropy order, the order MED commits in.\n\n"
