@@ -248,7 +248,7 @@ def precision_markdown(report: dict, command: str) -> str:
             if "max_logit_shift" in report
             else ""
         )
-        + " The samplers table is not measured in bfloat16 here (`factory bench samplers` has no `--dtype` yet)."
+        + " Every rule in bfloat16: the section Samplers (bfloat16 weights), `factory bench samplers --dtype bfloat16`."
         + (
             f"\n\nThe step scorers' `auroc_partial` on the scoring bench's tables: its first {report['scoring_n']} problems "
             f"(2–5 steps, seed 2026), corrupted and sampled with seed {report['seed']}, {report['own_k']} own traces per problem "
