@@ -26,7 +26,7 @@ from factory.build.runner import require_cuda_if_gpus_held
 from factory.build.sources import SourceError, load_problems
 from factory.build.spec import BuildSpec, FilterSpec, ResourceSpec, SpecError, load_spec, validate_spec
 from factory.build.stages import TraceMaker, problem_seed, process_shard
-from factory.build.storage import TMP_MARK, Storage
+from factory.build.storage import TMP_MARK
 from factory.core.checks import false_equation, final_number, step_labels
 from factory.core.numbers import canonical_answer
 from factory.core.sampler import SampleResult
@@ -611,10 +611,15 @@ def test_on_shared_storage_the_actors_write_their_own_files_and_the_driver_reads
     def driver_stores(self, spec, result):
         raise AssertionError(f"the driver was handed shard {result.shard}'s rows")
 
-    monkeypatch.setattr(BuildDir, "store", driver_stores)  # the actors' own copies of BuildDir are untouched
-    monkeypatch.setattr(Storage, "read_parquet", driver_stores)  # nor does assembling read a row back
+    def driver_reads(*args, **kwargs):
+        raise AssertionError("the driver read a Parquet file")
+
     summaries = []
-    manifest = build(load_spec(spec_path).with_overrides(output_dir=out.as_uri()), log=lambda _: None, on_shard=summaries.append)
+    with monkeypatch.context() as patched:  # in the driver only: the actors' own modules are untouched
+        patched.setattr(BuildDir, "store", driver_stores)
+        for name in ("read_table", "ParquetFile", "ParquetDataset"):  # nor does assembling read a row back
+            patched.setattr(pq, name, driver_reads)
+        manifest = build(load_spec(spec_path).with_overrides(output_dir=out.as_uri()), log=lambda _: None, on_shard=summaries.append)
     assert sorted(s.shard for s in summaries) == [0, 1, 2] and all(set(s.files) == set(output.SHARD_CONFIGS) for s in summaries)
     assert {s.worker.actor.rsplit(":", 1)[1] for s in summaries}.isdisjoint({str(os.getpid())})
     assert manifest["files"] == reference_manifest["files"] and manifest["fingerprint"] == reference_manifest["fingerprint"]

@@ -63,9 +63,6 @@ class Storage:
         with self.fs.open_input_stream(self.path(rel)) as stream:
             return stream.read().decode()
 
-    def read_parquet(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
-        return pq.read_table(self.path(rel), schema=schema, filesystem=self.fs)
-
     def write_text(self, rel: str, text: str) -> None:
         def write(tmp: str) -> None:
             with self.fs.open_output_stream(tmp) as stream:
@@ -102,7 +99,3 @@ class Storage:
         for info in infos:
             if info.type == pafs.FileType.File and info.base_name.startswith(".") and TMP_MARK in info.base_name:
                 self.fs.delete_file(info.path)
-
-    def local_path(self) -> Path | None:
-        """The root as a local path, when it is one (a plain path or a file:// URI)."""
-        return Path(self.base) if isinstance(self.fs, pafs.LocalFileSystem) else None
