@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from factory.build.command import build
-from factory.build.output import BuildError
+from factory.build.output import BuildDir, BuildError
 from factory.build.runner import run_in_process
 from factory.build.spec import validate_spec
 from factory.synthetic.problems import SyntheticConfig, generate
@@ -162,3 +162,17 @@ def test_two_builds_of_one_output_never_overlap(tmp_path, tiny_adapter, pool):
     assert not out.exists()  # refused before it claimed anything
     manifest, sampled = run(spec, tiny_adapter)
     assert sum(sampled) == 8 and manifest["problems"] == 4 and not lock_path(out).exists()
+
+
+def test_rows_made_in_another_precision_never_join_a_build(tmp_path, tiny_adapter, pool):
+    source, out = tmp_path / "pool.jsonl", tmp_path / "out"
+    write_source(source, pool[:4])
+    run(spec_for(source, out), tiny_adapter)
+    assert json.loads((out / "_build" / "precision.json").read_text()) == {"dtype": "float32"}
+    before = files(out)
+    (out / "_build" / "precision.json").write_text(json.dumps({"dtype": "bfloat16"}))  # as if resumed on other hardware
+    write_source(source, pool[:8])
+    with pytest.raises(BuildError, match="holds rows made in bfloat16, but this actor ran the model in float32"):
+        run(spec_for(source, out), tiny_adapter)
+    assert BuildDir(out).done_shards() == {0}  # the new shard is not marked done
+    assert {name: files(out)[name] for name in before} == before

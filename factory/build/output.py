@@ -1,6 +1,7 @@
 """The output directory of a build: resumable shards, then a Hugging Face dataset.
 
     OUT/_build/spec.json                  the spec and its hash; a rerun with another spec is refused
+    OUT/_build/precision.json             the precision the model ran in (model.dtype auto resolves per actor)
     OUT/_build/shards/00003.plan.json     shard 3's problems and the increment that added them, written before it runs
     OUT/_build/shards/00003.done.json     its completion marker (a ShardSummary: counts, its data files, quarantined problems)
     OUT/data/{traces,filtered,sft,prm}/train-00003-<digest>.parquet   one file per shard, named by its rows' digest
@@ -43,6 +44,7 @@ CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRo
 SHARD_CONFIGS = ("traces", "filtered", "sft", "prm")  # a file per shard; `rejected` is one file for the build
 SHARDS = "_build/shards"
 STATE = "_build/spec.json"
+PRECISION = "_build/precision.json"
 
 
 class BuildError(RuntimeError):
@@ -200,8 +202,24 @@ class BuildDir:
         return ShardSummary(**stats, files=files, rows={name: len(config_rows) for name, config_rows in rows.items()})
 
     def mark_done(self, summary: ShardSummary) -> None:
-        """The shard's completion marker, written after its files are in place."""
+        """The shard's completion marker, written after its files are in place, once its precision
+        is the build's."""
+        self.check_precision(summary.worker.dtype)
         self.storage.write_text(self.marker(summary.shard), summary.model_dump_json(indent=2))
+
+    def check_precision(self, dtype: str) -> None:
+        """One build's rows come from one precision. `model.dtype: auto` resolves on each actor, so
+        the first shard's precision is recorded and a shard made in another (a resume on other
+        hardware, a mixed pool) is refused before it is marked done."""
+        if not self.storage.exists(PRECISION):
+            self.storage.write_text(PRECISION, json.dumps({"dtype": dtype}))
+            return
+        found = json.loads(self.storage.read_text(PRECISION))["dtype"]
+        if found != dtype:
+            raise BuildError(
+                f"{self.location} holds rows made in {found}, but this actor ran the model in {dtype}; a dataset never mixes"
+                f" two: resume it where the model runs in {found}, or start a new version with another --output"
+            )
 
     def write_shard(self, spec: BuildSpec, result: ShardResult) -> ShardSummary:
         summary = self.store(spec, result)
