@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -178,15 +179,14 @@ def iter_problems(
     source before anything else happens."""
     rejected = [] if rejected is None else rejected
     name = source_name(source)
+    rows = read_rows(source)
+    head = list(islice(rows, COLUMN_CHECK_ROWS))
+    check_columns(source, {column for row in head if isinstance(row, dict) for column in row})
     first_row: dict[str, int] = {}
-    held: list[Problem] = []  # the problems of the rows read before the column check
-    seen_columns: set[str] | None = set()
     produced = 0
-    for index, row in enumerate(read_rows(source)):
+    for index, row in enumerate(chain(head, rows)):
         if limit is not None and produced >= limit:
-            break
-        if seen_columns is not None and isinstance(row, dict):
-            seen_columns.update(row)
+            return
         problem = None
         try:
             problem = to_problem(row, source, name)
@@ -198,19 +198,10 @@ def iter_problems(
             raw = json.dumps(row, default=str, ensure_ascii=False)
             problem_id = problem.problem_id if problem else None
             rejected.append(Rejected(problem_id=problem_id, source=name, row=index, raw=raw, reason=err.reason, detail=err.detail))
-        else:
-            first_row[problem.problem_id] = index
-            produced += 1
-            held.append(problem)
-        if seen_columns is not None and index + 1 >= COLUMN_CHECK_ROWS:
-            check_columns(source, seen_columns)
-            seen_columns = None
-        if seen_columns is None:
-            yield from held
-            held = []
-    if seen_columns is not None:
-        check_columns(source, seen_columns)
-    yield from held
+            continue
+        first_row[problem.problem_id] = index
+        produced += 1
+        yield problem
 
 
 def load_problems(source: SourceSpec, template: ReasoningTemplate, limit: int | None = None) -> tuple[list[Problem], list[Rejected]]:
