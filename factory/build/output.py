@@ -111,6 +111,7 @@ class BuildDir:
     def __init__(self, location: str | Path):
         self.storage = Storage(location)
         self.location = self.storage.location
+        self.precision: str | None = None  # the build's precision, once read or recorded (`check_precision`)
 
     @property
     def address(self) -> str:
@@ -211,10 +212,12 @@ class BuildDir:
         """One build's rows come from one precision. `model.dtype: auto` resolves on each actor, so
         the first shard's precision is recorded and a shard made in another (a resume on other
         hardware, a mixed pool) is refused before it is marked done."""
-        if not self.storage.exists(PRECISION):
+        if self.precision is None and self.storage.exists(PRECISION):
+            self.precision = json.loads(self.storage.read_text(PRECISION))["dtype"]
+        elif self.precision is None:
             self.storage.write_text(PRECISION, json.dumps({"dtype": dtype}))
-            return
-        found = json.loads(self.storage.read_text(PRECISION))["dtype"]
+            self.precision = dtype
+        found = self.precision  # read once per run, not once per shard
         if found != dtype:
             raise BuildError(
                 f"{self.location} holds rows made in {found}, but this actor ran the model in {dtype}; a dataset never mixes"
