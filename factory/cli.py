@@ -21,6 +21,7 @@ COMMANDS = [
     ),
     (("bench", "padding"), "factory.lab.padding:cli_padding", "pad tokens per forward pass, arrival order vs grouped by question length"),
     (("bench", "pipeline"), "factory.lab.pipeline:cli_pipeline", "Ray pipeline traces/s against the in-process sampler"),
+    (("bench", "yield"), "factory.lab.yields:cli_yield", "sampling strategies on the problems a model gets wrong: coverage per pass"),
     (("bench", "scale"), "factory.lab.scale:cli_scale", "builds of 1k/10k/100k problems: driver RSS, object store, rows/s"),
 ]
 

@@ -39,8 +39,12 @@ class TraceRow(Problem):
     reasoning: str
     steps: list[str]
     answer: str | None = Field(description="the integer read from the answer slots")
-    nfe: int = Field(description="sampler forward passes for this trace")
+    nfe: int = Field(description="sampler forward passes for this trace (for a repair, those of the repair alone)")
     exited_early: bool
+    strategy: str = Field(description="the sampling strategy that drafted it (sampler.strategy)")
+    clamped: bool = Field(description="sampled with the gold answer clamped (posterior) or not (prior, answer masked)")
+    round: int = Field(description="the problem's round it was sampled in (0 first)")
+    repaired_from_step: int | None = Field(description="a repair: the first step rewritten, the ones before it kept token for token")
     step_scores: list[float]
     prefix_logp: list[float]
     self_consistency: list[float]
@@ -57,6 +61,14 @@ class TraceRow(Problem):
     seed: int = Field(description="the problem's sampler seed, derived from (spec seed, problem_id)")
     code_version: str
     spec_hash: str
+
+
+class Unsolved(Problem):
+    """A problem the build could not give a single accepted trace within its budget."""
+
+    passes: int = Field(description="sampling and repair passes spent on it")
+    traces: int = Field(description="traces sampled for it")
+    filter_reasons: list[str] = Field(description="why each of its traces was filtered, in sampling order")
 
 
 class ChatMessage(BaseModel):
@@ -125,7 +137,9 @@ class ShardStats(BaseModel):
     sampled: int
     accepted: int
     filtered: dict[str, int] = Field(description="filtered traces by reason (kept in the `filtered` config)")
-    nfe_sum: int = Field(description="over all sampled traces")
+    nfe_sum: int = Field(description="sampler passes over all sampled traces: sampling and repair")
+    repair_passes: int = Field(description="the part of nfe_sum spent repairing traces")
+    scoring_passes: float = Field(description="the step scorer's forward passes over all sampled traces")
     step_score_sum: float = Field(description="over all steps of all sampled traces")
     step_count: int
     sample_s: float
@@ -138,6 +152,7 @@ class ShardResult(ShardStats):
 
     traces: list[TraceRow] = Field(description="the accepted traces")
     filtered_traces: list[TraceRow] = Field(description="the rest, each with its filter_reason")
+    unsolved: list[Unsolved] = Field(default_factory=list, description="problems left without an accepted trace")
     quarantined: list[Rejected] = Field(default_factory=list, description="problems whose sampling or scoring raised, with the error")
 
 

@@ -27,7 +27,15 @@ def build_spec(out, **sections) -> dict:
     """A few synthetic problems whose every trace is kept, whatever the tiny model writes."""
     spec = {
         "source": {"kind": "synthetic", "n": 6},
-        "filters": {"answer_match": False, "step_labels": False, "verify_arithmetic": False, "min_steps": 0, "dedupe": False},
+        "filters": {
+            "answer_match": False,
+            "step_labels": False,
+            "verify_arithmetic": False,
+            "grounded": False,
+            "min_steps": 0,
+            "dedupe": False,
+        },
+        "sampler": {"target": 2},
         "output": {"dir": str(out), "shard_size": 3},
     }
     return {**spec, **sections}

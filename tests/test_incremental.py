@@ -25,7 +25,7 @@ def write_source(path, problems) -> None:
 def spec_for(source, out, **sections):
     spec = {
         "source": {"kind": "local", "path": str(source)},
-        "sampler": {"k": 2},
+        "sampler": {"target": 2},
         "filters": {"answer_match": False, "step_labels": False, "min_steps": 0},
         "output": {"dir": str(out), "shard_size": 4},
     }

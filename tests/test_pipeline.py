@@ -20,7 +20,7 @@ from huggingface_hub import DatasetCard
 import factory
 from factory.build import output, provenance
 from factory.build.command import build, cli_build
-from factory.build.filters import filter_traces
+from factory.build.filters import drop_reason
 from factory.build.output import BuildDir, BuildError, prm_rows, size_category
 from factory.build.runner import require_cuda_if_gpus_held
 from factory.build.sources import SourceError, load_problems
@@ -46,8 +46,8 @@ def small_spec(out: Path, **sections) -> dict:
     """A spec dict for a few problems that keeps every trace the arbitrary tiny model writes."""
     spec = {
         "source": {"kind": "synthetic", "n": 4},
-        "sampler": {"k": 2, "rule": "med_prefix", "rule_params": {"lam": 0.3}, "temperature": 0.7},
-        "filters": {"answer_match": False, "step_labels": False, "min_steps": 0},
+        "sampler": {"target": 2, "rule": "med_prefix", "rule_params": {"lam": 0.3}, "temperature": 0.7},
+        "filters": {"answer_match": False, "step_labels": False, "grounded": False, "min_steps": 0},
         "output": {"dir": str(out), "shard_size": 2},
     }
     return {**spec, **sections}
@@ -117,7 +117,8 @@ def test_default_spec_and_hash():
     spec = load_spec()
     assert spec.model.id == "embedded" and spec.source.kind == "synthetic" and spec.source.n == 48
     assert (spec.source.min_steps, spec.source.max_steps) == (2, 4)
-    assert spec.sampler.k == 2 and spec.sampler.rule == "med_prefix" and spec.sampler.rule_params == {"lam": 0.3, "max_per_step": None}
+    assert (spec.sampler.strategy, spec.sampler.target, spec.sampler.budget) == ("repair", 1, 32)
+    assert spec.sampler.rule == "med_prefix" and spec.sampler.rule_params == {"lam": 0.3, "max_per_step": None}
     assert spec.sampler.temperature == 0.7 and spec.scoring.estimator == "marginal" and spec.scoring.self_consistency
     # Where the output goes and how many workers run do not change the data, so not the hash either.
     assert spec.with_overrides(output_dir="elsewhere").spec_hash() == spec.spec_hash()
@@ -128,12 +129,12 @@ def test_default_spec_and_hash():
 
 def test_a_partial_spec_takes_the_default_builds_values():
     """Defaults live on the spec classes alone: a spec with only a source samples like the default build,
-    and greedy decoding with k > 1 (which can only write duplicates) is refused before any compute."""
+    and greedy decoding with target > 1 (which can only write duplicates) is refused before any compute."""
     partial = validate_spec({"source": {"n": 5}})
     assert partial.sampler == BuildSpec().sampler and partial.sampler.temperature > 0
     assert partial.output.shard_size == BuildSpec().output.shard_size and partial.resources == BuildSpec().resources
-    assert "greedy decoding writes the same trace k times" in spec_error({"sampler": {"temperature": 0}})
-    assert validate_spec({"sampler": {"temperature": 0, "k": 1}}).sampler.k == 1
+    assert "greedy decoding writes the same trace every round" in spec_error({"sampler": {"temperature": 0, "target": 2}})
+    assert validate_spec({"sampler": {"temperature": 0, "target": 1}}).sampler.target == 1
 
 
 def test_dry_run_prints_spec_and_first_canvas(capsys, tmp_path):
@@ -254,6 +255,7 @@ def test_hf_source_reads_gsm8k_format(tmp_path, template):
 def trace(problem_id="p", steps=("1 + 1 = 2",), gold="2", scores=(0.0,), reasoning=None) -> TraceRow:
     problem = Problem(problem_id=problem_id, source="t", question="q", gold_answer=gold)
     fields = dict(trace_id="t", sample_index=0, nfe=1, exited_early=False, final_score=0.0, scoring_passes=1.0)
+    fields |= dict(strategy="posterior", clamped=True, round=0, repaired_from_step=None)
     provenance = dict(model_id="m", model_revision=None, sampler="{}", scorer="{}", seed=0, code_version="0", spec_hash="h")
     return TraceRow(
         **problem.model_dump(),
@@ -292,13 +294,21 @@ def test_filters_count_every_drop_by_reason():
         trace(steps=("9 / 2 = 30", "21 / 5 = 2"), scores=(0.0, 0.0)),  # ends at the gold answer by luck
         trace(problem_id="r", scores=(-1.0,)),  # true and at the gold answer, but the model would not write it
     ]
-    kept, filtered = filter_traces(traces, FilterSpec(min_step_score=-2.0, max_steps=2))
-    assert len(kept) == 2 and [t.problem_id for t in kept] == ["p", "q"]
-    assert all(t.filter_reason is None for t in kept)
+    seen: set = set()
+    reasons = [drop_reason(t, FilterSpec(min_step_score=-2.0, max_steps=2, grounded=False), seen) for t in traces]
+    assert [t.problem_id for t, r in zip(traces, reasons) if r is None] == ["p", "q"]
     expected = ["duplicate", "wrong_answer", "duplicate", "too_few_steps", "too_many_steps", "low_step_score"]
     expected += ["arithmetic_error", "bad_step"]
-    assert [t.filter_reason for t in filtered] == expected
+    assert [r for r in reasons if r] == expected
+    # a prior trace (answer masked) must write the gold answer in its answer slots too
+    assert drop_reason(trace(problem_id="s").model_copy(update={"answer": "3"}), FilterSpec(), set()) == "wrong_answer"
+    # an operand the question never states: ungrounded (the question of `trace` is "q", with no numbers)
+    grounded = trace(problem_id="g").model_copy(update={"question": "Tom has 1 apple and finds 1 more."})
+    assert drop_reason(grounded, FilterSpec(step_labels=False), set()) is None
+    assert drop_reason(trace(problem_id="g"), FilterSpec(step_labels=False), set()) == "ungrounded"
     # PRM data: the accepted traces and the filtered ones with a False label, never a duplicate or an empty one
+    judged = [t.model_copy(update={"filter_reason": r}) for t, r in zip(traces, reasons)]
+    kept, filtered = [t for t in judged if t.filter_reason is None], [t for t in judged if t.filter_reason]
     prm = prm_rows(kept + filtered, validate_spec(small_spec(Path("out"))))
     assert [(r.completions, r.labels, r.accepted) for r in prm] == [
         (["1 + 1 = 2"], [True], True),
@@ -329,7 +339,7 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     together = maker(problems)
     alone = maker(problems[2:]) + maker(problems[:2])
     assert {t.trace_id: t.reasoning for t in together} == {t.trace_id: t.reasoning for t in alone}
-    assert len({t.trace_id for t in together}) == len(problems) * spec.sampler.k
+    assert len({t.trace_id for t in together}) == len(problems) * spec.sampler.target
     first = together[0]
     assert first.seed == problem_seed(spec.seed, first.problem_id) and first.spec_hash == spec.spec_hash()
     assert json.loads(first.sampler)["rule"] == "med_prefix" and first.model_id == "tiny-random"
@@ -354,7 +364,7 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     assert out.done_shards() == {0, 1}
     manifest = out.assemble(spec, len(sizes), rejected)
     assert manifest["problems"] == 3 and manifest["traces_sampled"] == 6 and manifest["accepted"] == 6
-    assert manifest["empty_configs"] == ["filtered", "rejected"]
+    assert manifest["empty_configs"] == ["filtered", "unsolved", "rejected"]
     assert [(w["device"], w["dtype"]) for w in manifest["workers"]] == [("cpu", "float32")]  # the precision it ran in
     traces = [row for name in manifest["files"]["traces"] for row in from_table(pq.read_table(root / name), TraceRow)]
     assert {t.trace_id for t in traces} == {t.trace_id for t in together}
@@ -366,7 +376,11 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     prm = pq.read_table(root / manifest["files"]["prm"][0]).to_pylist()[0]
     assert prm["completions"] == traces[0].steps and prm["labels"] == traces[0].step_labels
     assert prm["label_scores"] == pytest.approx(traces[0].self_consistency)  # the default label source
-    assert manifest["rows"] == {"traces": 6, "filtered": 0, "sft": 6, "prm": 6, "rejected": 0}
+    assert manifest["rows"] == {"traces": 6, "filtered": 0, "sft": 6, "prm": 6, "unsolved": 0, "rejected": 0}
+    # the yield adds up: every sampler pass is a trace's, and the scoring passes are the traces' shares
+    assert manifest["passes"]["sampling"] + manifest["passes"]["repair"] == sum(t.nfe for t in traces)
+    assert manifest["passes"]["scoring"] == pytest.approx(sum(t.scoring_passes for t in traces), abs=1e-3)
+    assert manifest["passes_per_accepted"] == pytest.approx(sum(t.nfe for t in traces) / 6) and manifest["duplicate_share"] == 0
     card = DatasetCard.load(root / "README.md").data  # metadata the Hub reads when the directory is uploaded
     assert card.size_categories == ["n<1K"] and "process-reward-model" in card.tags
     assert [c["config_name"] for c in card.configs] == ["traces", "sft", "prm"]

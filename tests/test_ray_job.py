@@ -56,7 +56,7 @@ def test_ray_job_gives_each_actor_its_own_gpu(tmp_path, tmp_path_factory, tiny_m
     spec = {
         "source": {"kind": "local", "path": str(tmp_path / "problems.jsonl")},
         "model": {"id": str(tiny_model_dir)},
-        "sampler": {"k": 2, "temperature": 0.7},
+        "sampler": {"target": 2, "temperature": 0.7},
         "filters": {"answer_match": False, "step_labels": False, "min_steps": 0},
         "output": {"shard_size": 1},
         "resources": {"num_actors": 2, "num_gpus_per_actor": 1, "num_cpus_per_actor": 0.5, "cpu_fallback": True},  # logical GPUs

@@ -67,7 +67,7 @@ def test_a_2k_build_reads_each_plan_only_when_its_shard_runs(tmp_path, tiny_adap
     spec = validate_spec(
         {
             "source": {"kind": "synthetic", "n": 2000, "seed": 7},
-            "sampler": {"rule": "llada", "rule_params": {"steps": 2}, "k": 1},
+            "sampler": {"rule": "llada", "rule_params": {"steps": 2}, "strategy": "posterior", "strategy_params": {"rounds": 1}},
             "output": {"dir": str(tmp_path / "out"), "shard_size": 250},
         }
     )

@@ -123,7 +123,8 @@ def summary_line(manifest: dict, root: str) -> str:
         f"[build] done: {manifest['problems']} problems, {manifest['traces_sampled']} traces sampled, "
         f"{manifest['accepted']} accepted, {manifest['rejected']['total']} rows rejected {manifest['rejected']['by_reason']}, "
         f"{manifest['filtered']['total']} traces filtered {manifest['filtered']['by_reason']}; "
-        f"mean NFE {mean('mean_nfe')}, mean step score {mean('mean_step_score')} -> {root}"
+        f"mean NFE {mean('mean_nfe')}, mean step score {mean('mean_step_score')}; {mean('passes_per_accepted')} passes per accepted"
+        f" trace, {mean('duplicate_share')} duplicates, {manifest['unsolved']} problems unsolved -> {root}"
     )
 
 

@@ -36,12 +36,13 @@ from factory.build.provenance import code_version
 from factory.build.spec import BuildSpec
 from factory.build.storage import Storage
 from factory.core.scoring import LABEL_SOURCES
+from factory.core.strategies import STRATEGIES
 from factory.models.adapter import model_revision
 from schemas.arrow import to_table
-from schemas.records import ChatMessage, PRMRow, Problem, Rejected, SFTRow, ShardPlan, ShardResult, ShardSummary, TraceRow
+from schemas.records import ChatMessage, PRMRow, Problem, Rejected, SFTRow, ShardPlan, ShardResult, ShardSummary, TraceRow, Unsolved
 
-CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRow, "rejected": Rejected}
-SHARD_CONFIGS = ("traces", "filtered", "sft", "prm")  # a file per shard; `rejected` is one file for the build
+CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRow, "unsolved": Unsolved, "rejected": Rejected}
+SHARD_CONFIGS = ("traces", "filtered", "sft", "prm", "unsolved")  # a file per shard; `rejected` is one file for the build
 SHARDS = "_build/shards"
 STATE = "_build/spec.json"
 PRECISION = "_build/precision.json"
@@ -101,7 +102,8 @@ def prm_row(trace: TraceRow, label_scores: list[float]) -> PRMRow:
 def derive(spec: BuildSpec, result: ShardResult) -> dict[str, list]:
     """A shard's rows of every config but `rejected`."""
     traces, filtered = result.traces, result.filtered_traces
-    return {"traces": traces, "filtered": filtered, "sft": [sft_row(t, spec) for t in traces], "prm": prm_rows(traces + filtered, spec)}
+    sft = [sft_row(t, spec) for t in traces]
+    return {"traces": traces, "filtered": filtered, "sft": sft, "prm": prm_rows(traces + filtered, spec), "unsolved": result.unsolved}
 
 
 # ---- the directory -------------------------------------------------------------------------
@@ -199,7 +201,7 @@ class BuildDir:
         else the driver."""
         rows = derive(spec, result)
         files = {name: self.write_rows(name, config_rows, data_file(name, result.shard, config_rows)) for name, config_rows in rows.items()}
-        stats = result.model_dump(exclude={"traces", "filtered_traces"})
+        stats = result.model_dump(exclude={"traces", "filtered_traces", "unsolved"})
         return ShardSummary(**stats, files=files, rows={name: len(config_rows) for name, config_rows in rows.items()})
 
     def mark_done(self, summary: ShardSummary) -> None:
@@ -288,6 +290,8 @@ def build_manifest(
     filtered = sum((Counter(s.filtered) for s in summaries), Counter())
     sampled = sum(s.sampled for s in summaries)
     steps = sum(s.step_count for s in summaries)
+    passes = sum(s.nfe_sum for s in summaries)
+    repair = sum(s.repair_passes for s in summaries)
     workers = {s.worker.actor: s.worker.model_dump() for s in summaries}
     return {
         "spec_hash": spec.spec_hash(),
@@ -299,7 +303,13 @@ def build_manifest(
         "accepted": accepted,
         "rejected": {"total": len(rejected), "by_reason": dict(sorted(Counter(r.reason for r in rejected).items()))},
         "filtered": {"total": sum(filtered.values()), "by_reason": dict(sorted(filtered.items()))},
-        "mean_nfe": sum(s.nfe_sum for s in summaries) / sampled if sampled else None,
+        "mean_nfe": passes / sampled if sampled else None,
+        # Yield: what the passes bought. Sampling and repair are the budgeted sampler passes; scoring
+        # is the step scorer's, counted apart.
+        "passes": {"sampling": passes - repair, "repair": repair, "scoring": round(sum(s.scoring_passes for s in summaries), 3)},
+        "passes_per_accepted": passes / accepted if accepted else None,
+        "duplicate_share": filtered["duplicate"] / sampled if sampled else None,
+        "unsolved": rows["unsolved"],
         "mean_step_score": sum(s.step_score_sum for s in summaries) / steps if steps else None,
         "rows": rows,
         "files": files,
@@ -312,8 +322,13 @@ CARD_BODY = """
 # Posterior reasoning traces from {model}
 
 Built by `factory build` (mdlm-factory {code_version}) from spec `{spec_hash}`: the model wrote
-{traces_sampled} reasoning traces for {problems} problems with the gold answer clamped into the
-answer slots, scored every step with the model itself (no rollouts, no other model), and kept {accepted}.
+{traces_sampled} reasoning traces for {problems} problems (strategy `{strategy}`: {strategy_doc}),
+scored every step with the model itself (no rollouts, no other model), and kept {accepted}. Each
+problem was sampled in rounds until it had {target} accepted trace(s) or had spent {budget} forward passes.
+
+Yield: {passes_spent} sampler passes ({repair_passes} of them repairing traces) and {scoring_passes}
+scoring passes; {passes_per_accepted} sampler passes per accepted trace; {duplicate_share} of the
+sampled traces were duplicates; {unsolved} problems got no accepted trace (config `unsolved`).
 
 | config | contents |
 |---|---|
@@ -321,6 +336,7 @@ answer slots, scored every step with the model itself (no rollouts, no other mod
 | `filtered` | every other trace, the same columns, with the `filter_reason` it failed |
 | `sft` | chat `messages`: the question alone, then reasoning and `\\boxed{{answer}}` |
 | `prm` | TRL stepwise `prompt`, step `completions`, `labels` and the `label_scores` behind them; `accepted` False: a filtered trace |
+| `unsolved` | problems left without an accepted trace, with the passes spent on them and why each trace failed |
 | `rejected` | source rows that could not be used, with the reason |
 
 `prm` holds the accepted traces and, as negatives, the filtered ones with a step labelled bad
@@ -376,6 +392,16 @@ def dataset_card(spec: BuildSpec, manifest: dict) -> str:
         rejected=manifest["rejected"]["by_reason"] or "none",
         filtered=manifest["filtered"]["by_reason"] or "none",
         mean_nfe=f"{manifest['mean_nfe']:.1f}" if manifest["mean_nfe"] is not None else "n/a",
+        strategy=spec.sampler.strategy,
+        strategy_doc=" ".join(STRATEGIES[spec.sampler.strategy].__doc__.split(".")[0].split()),
+        target=spec.sampler.target,
+        budget=spec.sampler.budget,
+        passes_spent=manifest["passes"]["sampling"] + manifest["passes"]["repair"],
+        repair_passes=manifest["passes"]["repair"],
+        scoring_passes=f"{manifest['passes']['scoring']:.1f}",
+        passes_per_accepted=f"{manifest['passes_per_accepted']:.2f}" if manifest["passes_per_accepted"] is not None else "n/a",
+        duplicate_share=f"{manifest['duplicate_share']:.1%}" if manifest["duplicate_share"] is not None else "n/a",
+        unsolved=manifest["unsolved"],
         empty=", ".join(manifest["empty_configs"]) or "none",
         fingerprint=manifest["fingerprint"],
         increments="\n".join(

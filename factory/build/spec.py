@@ -24,12 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from factory.core.rules import RULES, check_rule, make_rule, rule_defaults
 from factory.core.sampler import SamplerConfig
 from factory.core.scoring import ESTIMATORS, LABEL_SOURCES
+from factory.core.strategies import LOCATORS, STRATEGIES, make_strategy, strategy_defaults
 from factory.core.template import TemplateConfig
 from factory.models.adapter import DTYPES, KINDS
 from factory.synthetic.problems import SYMBOLS, SyntheticConfig, make_problem
 
 SECTION = ConfigDict(extra="forbid")
 RuleName = Literal[tuple(RULES)]
+StrategyName = Literal[tuple(STRATEGIES)]
 
 
 class SpecError(ValueError):
@@ -134,19 +136,39 @@ class TemplateSpec(section_from_dataclass(TemplateConfig, "TemplateFields")):
         return TemplateConfig(**self.model_dump())
 
 
+BUILD_ONLY = {"strategy", "strategy_params", "target", "budget", "locators"}
+
+
 class SamplerSpec(section_from_dataclass(SamplerConfig, "SamplerFields", rule=RuleName)):
-    # A build wants k different traces per problem, so it samples (the component's default, 0, is greedy).
-    temperature: float = Field(0.7, description="sampling temperature; 0 is greedy, which makes k > 1 traces copies")
-    k: int = Field(2, ge=1, description="posterior traces per problem")
+    """How a problem's traces are drafted and how many passes it may spend. A problem is worked in
+    rounds until it has `target` distinct accepted traces or its `budget` is spent, so an easy problem
+    stops costing passes once it is done and a hard one gets the rest (DART-Math's difficulty-aware
+    sampling, with the budget in forward passes rather than samples)."""
+
+    # A build samples (the component's default, 0, is greedy and writes one trace over and over).
+    temperature: float = Field(0.7, description="sampling temperature; 0 is greedy, which makes a second trace a copy")
+    strategy: StrategyName = Field("repair", description="how each round's traces are drafted (factory.core.strategies)")
+    strategy_params: dict = Field(default_factory=dict, description="the strategy's parameters")
+    target: int = Field(1, ge=1, description="distinct accepted traces wanted per problem")
+    budget: int = Field(32, ge=1, description="sampler forward passes a problem may spend, sampling and repair together")
+    locators: tuple[Literal[tuple(LOCATORS)], ...] = Field(
+        ("calculator", "step_labels"), description="how repair finds a failed trace's first bad step (the earliest any finds)"
+    )
 
     def to_config(self) -> SamplerConfig:
-        return SamplerConfig(**self.model_dump(exclude={"k"}))
+        return SamplerConfig(**self.model_dump(exclude=BUILD_ONLY))
 
     @model_validator(mode="after")
     def _sampler_config_is_valid(self):
         self.to_config()  # SamplerConfig checks the rule's parameter names, temperature, top-k/p, batch size, early exit
-        # Resolved to every parameter of the rule, so the dry run and the card show the values that ran.
+        make_strategy(self.strategy, **self.strategy_params)
+        # Resolved to every parameter, so the dry run and the card show the values that ran.
         self.rule_params = {**rule_defaults(self.rule), **self.rule_params}
+        self.strategy_params = {**strategy_defaults(self.strategy), **self.strategy_params}
+        if self.target > self.budget:
+            raise ValueError(f"target {self.target} traces cannot be bought with budget {self.budget} passes: a trace takes at least one")
+        if self.strategy == "repair" and not self.locators:
+            raise ValueError("strategy 'repair' needs at least one locator to find the step to repair from: calculator, step_labels")
         return self
 
 
@@ -177,8 +199,16 @@ class FilterSpec(BaseModel):
 
     model_config = SECTION
 
-    answer_match: bool = Field(True, description="the last number of the last step must equal the gold answer")
+    answer_match: bool = Field(
+        True,
+        description="the last number of the last step, and the answer slots (a prior trace writes its own), must equal the gold answer",
+    )
     verify_arithmetic: bool = Field(True, description="every 'a op b = c' in a step must be true (a calculator check)")
+    grounded: bool = Field(
+        True,
+        description="every operand must be stated in the question or be an earlier result: keeps out traces that reach a clamped"
+        " answer with numbers they invented (and those that use a constant the question leaves unstated)",
+    )
     min_step_score: float | None = Field(None, description="drop traces with any step score below this")
     step_labels: bool = Field(
         True, description="drop traces with a step labelled bad: a low label_source score, a false equation or the gold answer missed"
@@ -230,10 +260,10 @@ class BuildSpec(BaseModel):
 
     @model_validator(mode="after")
     def _sampler_fits_the_build(self):
-        if self.sampler.k > 1 and self.sampler.temperature == 0:
+        if self.sampler.target > 1 and self.sampler.temperature == 0:
             raise ValueError(
-                f"sampler.k is {self.sampler.k} but sampler.temperature is 0: greedy decoding writes the same trace k times,"
-                " and every copy but the first is filtered as a duplicate; raise the temperature or set k: 1"
+                f"sampler.target is {self.sampler.target} but sampler.temperature is 0: greedy decoding writes the same trace"
+                " every round, and every copy but the first is filtered as a duplicate; raise the temperature or set target: 1"
             )
         if self.sampler.early_exit_gamma is not None:
             raise ValueError(

@@ -1,28 +1,31 @@
-"""The build's stages as plain code, usable without Ray: seeds and identities, `TraceMaker` (k
-posterior traces per problem, their steps scored) and `process_shard` (sample, score, filter).
+"""The build's stages as plain code, usable without Ray: seeds and identities, `TraceMaker` (a
+problem's rounds of traces, each scored and filtered as it comes back) and `process_shard`.
 
-Determinism: a problem's sampler seed derives from (spec seed, problem id) and a trace's id from
-(spec hash, problem id, sample index), so neither depends on sharding, actor count or resume.
+Determinism: a problem's sampler seed derives from (spec seed, problem id), a draft's from (problem
+seed, round, draft), and a trace's id from (spec hash, problem id, sample index), so none depends on
+sharding, actor count or resume.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import socket
 import time
 from collections import Counter
 
-from factory.build.filters import filter_traces
+from factory.build.filters import drop_reason
 from factory.build.provenance import code_version
 from factory.build.spec import BuildSpec, ModelSpec
 from factory.core.checks import step_labels
 from factory.core.sampler import CanvasSampler, Request, SampleResult, seed_for
+from factory.core.strategies import Attempt, Attempts, Draft, first_bad_step, make_strategy, split_budget
 from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores
 from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
 from factory.models.adapter import load_tokenizer as load_model_tokenizer
-from schemas.records import Problem, Rejected, ShardPlan, ShardResult, TraceRow, WorkerInfo
+from schemas.records import Problem, Rejected, ShardPlan, ShardResult, TraceRow, Unsolved, WorkerInfo
 
 # ---- identities and seeds ------------------------------------------------------------------
 
@@ -51,8 +54,24 @@ def driver_template(spec: BuildSpec) -> ReasoningTemplate:
 # ---- sample + score ---------------------------------------------------------------------------
 
 
+class ProblemRun:
+    """One problem's rounds: its attempts, the reasonings seen (for dedupe), its passes and its rows."""
+
+    def __init__(self, index: int, problem: Problem, question_ids: list[int], answer_ids: list[int], seed: int, budget: int):
+        self.index, self.problem, self.question_ids, self.answer_ids, self.seed = index, problem, question_ids, answer_ids, seed
+        self.budget, self.spent, self.accepted = budget, 0, 0
+        self.history: list[Attempt] = []
+        self.seen: set[tuple[str, str]] = set()
+        self.rows: list[TraceRow] = []
+
+
 class TraceMaker:
-    """Samples k posterior traces per problem and scores their steps; holds one model."""
+    """Works problems in rounds (see `core.strategies`) and scores every trace's steps; holds one model.
+
+    Each round drafts canvases for the problems still short of `sampler.target` accepted traces,
+    samples them in one batch, scores and filters them, and a problem leaves once it has its target
+    or its budget is spent. A draft's seed derives from (problem seed, round, draft) and its pass cap
+    from the problem's budget, so a problem's rows depend on neither its shard mates nor resume."""
 
     def __init__(self, spec: BuildSpec, adapter: ModelAdapter | None = None):
         self.spec, self.spec_hash = spec, spec.spec_hash()
@@ -61,29 +80,71 @@ class TraceMaker:
         self.template = ReasoningTemplate(self.adapter.tokenizer, spec.template.to_config())
         self.sampler = CanvasSampler(self.adapter, self.template, spec.sampler.to_config())
         self.scorer = StepScorer(self.adapter, self.template, spec.scoring.estimator, spec.scoring.batch_size)
+        self.strategy = make_strategy(spec.sampler.strategy, **spec.sampler.strategy_params)
         self.timings = {"sample_s": 0.0, "score_s": 0.0}
 
-    def requests(self, problems: list[Problem]) -> list[Request]:
-        """k answer-clamped canvases per problem, each seeded from (spec seed, problem id, sample index)."""
-        requests = []
-        for i, p in enumerate(problems):
-            question, answer = self.template.encode_question(p.question), self.template.encode_answer(p.gold_answer)
-            base = problem_seed(self.spec.seed, p.problem_id)
-            requests += [Request(question, answer_ids=answer, seed=seed_for(base, 0, j), key=(i, j)) for j in range(self.spec.sampler.k)]
-        return requests
-
     def __call__(self, problems: list[Problem]) -> list[TraceRow]:
-        requests = self.requests(problems)
+        """Every trace made for the problems, in order of (round, problem, draft), each with its
+        `filter_reason` (None: accepted)."""
+        cfg, tpl = self.spec.sampler, self.template
+        runs = [
+            ProblemRun(
+                i,
+                p,
+                tpl.encode_question(p.question),
+                tpl.encode_answer(p.gold_answer),
+                problem_seed(self.spec.seed, p.problem_id),
+                cfg.budget,
+            )
+            for i, p in enumerate(problems)
+        ]
+        rows: list[TraceRow] = []
+        for round_ in itertools.count():
+            active = [r for r in runs if r.accepted < cfg.target and r.spent < r.budget]
+            requests, drafts = [], []
+            for run in active:
+                planned = self.strategy(Attempts(round_, cfg.target - run.accepted, tuple(run.history)))
+                for j, (draft, cap) in enumerate(zip(planned, split_budget(run.budget - run.spent, len(planned)))):
+                    requests.append(self.request(run, draft, seed_for(run.seed, round_, j), cap))
+                    drafts.append((run, draft))
+            if not requests:
+                return rows
+            rows += self.sample_round(round_, requests, drafts)
+
+    def request(self, run: ProblemRun, draft: Draft, seed: int, cap: int) -> Request:
+        slots = self.spec.template.reasoning_slots
+        reasoning = list(draft.prefix) + [self.adapter.mask_id] * (slots - len(draft.prefix)) if draft.prefix else None
+        answer = run.answer_ids if draft.clamped else None
+        return Request(run.question_ids, answer_ids=answer, reasoning_ids=reasoning, seed=seed, key=run.index, max_nfe=cap)
+
+    def sample_round(self, round_: int, requests: list[Request], drafts: list[tuple[ProblemRun, Draft]]) -> list[TraceRow]:
         t0 = time.perf_counter()
         samples = self.sampler.run(requests)
         t1 = time.perf_counter()
-        traces = [Trace(r.question_ids, s.reasoning_ids, r.answer_ids) for r, s in zip(requests, samples)]
+        # Every trace is scored against the gold answer, a prior one (its own answer written) too.
+        traces = [Trace(r.question_ids, s.reasoning_ids, run.answer_ids) for r, s, (run, _) in zip(requests, samples, drafts)]
         scores = self.scorer.score(traces, self_consistency=self.spec.scoring.self_consistency)
         self.timings["sample_s"] += t1 - t0
         self.timings["score_s"] += time.perf_counter() - t1
-        return [self.trace_row(problems[r.key[0]], r.key[1], s, sc) for r, s, sc in zip(requests, samples, scores)]
+        rows = []
+        for sample, score, (run, draft) in zip(samples, scores, drafts):
+            row = self.trace_row(run.problem, len(run.rows), sample, score, round_, draft)
+            reason = drop_reason(row, self.spec.filters, run.seen)
+            row = row.model_copy(update={"filter_reason": reason})
+            run.spent += row.nfe
+            run.accepted += reason is None
+            bad = first_bad_step(self.spec.sampler.locators, row.steps, row.gold_answer, row.step_labels) if reason else None
+            starts = tuple(a for a, _ in self.template.step_spans(sample.reasoning_ids))
+            run.history.append(
+                Attempt(round_, draft.clamped, reason is None, reason == "duplicate", bad, starts, tuple(sample.reasoning_ids))
+            )
+            run.rows.append(row)
+            rows.append(row)
+        return rows
 
-    def trace_row(self, problem: Problem, sample_index: int, sample: SampleResult, scores: TraceScores) -> TraceRow:
+    def trace_row(
+        self, problem: Problem, sample_index: int, sample: SampleResult, scores: TraceScores, round_: int = 0, draft: Draft = Draft(True)
+    ) -> TraceRow:
         tpl, scoring = self.template, self.spec.scoring
         steps = tpl.split_steps(sample.reasoning_ids)
         label_scores = getattr(scores, LABEL_SOURCES[scoring.label_source])
@@ -96,6 +157,10 @@ class TraceMaker:
             answer=tpl.parse_answer(sample.answer_ids),
             nfe=sample.nfe,
             exited_early=sample.exited_early,
+            strategy=self.spec.sampler.strategy,
+            clamped=draft.clamped,
+            round=round_,
+            repaired_from_step=draft.repaired_from_step,
             step_scores=scores.step_scores,
             prefix_logp=scores.prefix_logp,
             self_consistency=scores.self_consistency,
@@ -153,10 +218,28 @@ def quarantine(problem: Problem, err: BaseException) -> Rejected:
     return Rejected(problem_id=problem.problem_id, source=problem.source, row=-1, raw=raw, reason="shard_error", detail=detail)
 
 
+def unsolved(problems: list[Problem], traces: list[TraceRow]) -> list[Unsolved]:
+    """The problems that got traces but none accepted, with the passes spent on them and why each failed."""
+    by_problem: dict[str, list[TraceRow]] = {}
+    for t in traces:
+        by_problem.setdefault(t.problem_id, []).append(t)
+    out = []
+    for p in problems:
+        made = by_problem.get(p.problem_id, [])
+        if made and all(t.filter_reason for t in made):
+            out.append(
+                Unsolved(
+                    **p.model_dump(), passes=sum(t.nfe for t in made), traces=len(made), filter_reasons=[t.filter_reason for t in made]
+                )
+            )
+    return out
+
+
 def process_shard(maker: TraceMaker, plan: ShardPlan) -> ShardResult:
     before = dict(maker.timings)
     traces, quarantined = sample_or_quarantine(maker, plan.problems)
-    kept, filtered = filter_traces(traces, maker.spec.filters)
+    kept = [t for t in traces if t.filter_reason is None]
+    filtered = [t for t in traces if t.filter_reason is not None]
     return ShardResult(
         shard=plan.shard,
         increment=plan.increment,
@@ -166,6 +249,8 @@ def process_shard(maker: TraceMaker, plan: ShardPlan) -> ShardResult:
         accepted=len(kept),
         filtered=dict(Counter(t.filter_reason for t in filtered)),
         nfe_sum=sum(t.nfe for t in traces),
+        repair_passes=sum(t.nfe for t in traces if t.repaired_from_step is not None),
+        scoring_passes=sum(t.scoring_passes for t in traces),
         step_score_sum=sum(sum(t.step_scores) for t in traces),
         step_count=sum(len(t.step_scores) for t in traces),
         sample_s=maker.timings["sample_s"] - before["sample_s"],
@@ -173,5 +258,6 @@ def process_shard(maker: TraceMaker, plan: ShardPlan) -> ShardResult:
         worker=worker_info(maker.adapter),
         traces=kept,
         filtered_traces=filtered,
+        unsolved=unsolved(plan.problems, traces),
         quarantined=quarantined,
     )

@@ -48,6 +48,19 @@ def false_equation(steps: Iterable[str]) -> bool:
     return False
 
 
+def ungrounded_operand(question: str, steps: Iterable[str]) -> bool:
+    """Whether a step computes with a number that is neither stated in the question nor a result of an
+    earlier equation: how a trace reaches a clamped answer by inventing what it needs. A problem whose
+    reasoning needs a constant it does not state (60 minutes in an hour) trips it too."""
+    known = {number_value(n) for n in NUMBER.findall(question)}
+    for step in steps:
+        for expression, result in EQUATION.findall(step):
+            if any(number_value(n) not in known for n, _ in TERM.findall(expression)):
+                return True
+            known.add(number_value(result))
+    return False
+
+
 def step_labels(steps: list[str], gold_answer: str, scores: list[float], threshold: float) -> list[bool]:
     """Process labels, Math-Shepherd style: a step is good while it and every step before it are.
     A step fails on a score below `threshold` or a false equation, and the last step also when it

@@ -59,6 +59,9 @@ class Request:
     reasoning_ids: list[int] | None = None  # a partly written reasoning region (masks where to write)
     seed: int = 0
     key: object = None  # returned untouched in the result
+    # At most this many passes: the last one writes every slot still masked (a per-problem budget is
+    # never exceeded, and the row still ends as a whole trace, to be checked like any other).
+    max_nfe: int | None = None
 
 
 @dataclass
@@ -140,6 +143,7 @@ class CanvasSampler:
         owner = [-1] * capacity  # request index held by each batch slot, -1 when empty
         generators: list[torch.Generator | None] = [None] * capacity
         steps_taken = torch.zeros(capacity, dtype=torch.long)
+        caps = torch.zeros(capacity, dtype=torch.long)  # a row's max_nfe; 0: none
         exited = torch.zeros(capacity, dtype=torch.bool)
 
         def admit(slot: int) -> None:
@@ -150,6 +154,7 @@ class CanvasSampler:
             ids[slot, length - len(row) :] = torch.tensor(row)
             attention[slot, length - len(row) :] = 1
             owner[slot], steps_taken[slot], exited[slot] = index, 0, False
+            caps[slot] = req.max_nfe or 0
             generators[slot] = torch.Generator().manual_seed(requests[index].seed)
 
         def retire(slot: int) -> None:
@@ -200,6 +205,8 @@ class CanvasSampler:
                 if cfg.exit_fill == "all":
                     commit[settled] = candidates[settled]
                 exited[rows[settled]] = True
+            capped = caps[rows] == steps_taken[rows] + 1
+            commit[capped] = candidates[capped]
             current = torch.where(commit, proposal, current)
             batch[:, batch_region] = current
             ids[rows, first:] = batch

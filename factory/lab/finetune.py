@@ -125,7 +125,8 @@ def posterior_build(model_dir: Path, out: Path, pool: int, seed: int, k: int, lo
         {
             "source": {"kind": "synthetic", "n": pool, "seed": seed},
             "model": {"id": str(model_dir)},
-            "sampler": {"k": k},
+            # posterior sampling until k distinct accepted traces (the arm predates budgets; room for the k)
+            "sampler": {"strategy": "posterior", "target": k, "budget": 32 * k},
             "output": {"dir": str(out)},
         }
     )

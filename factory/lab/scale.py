@@ -48,7 +48,7 @@ def scale_spec(size: int, model: Path, out: str, shard_size: int, actors: int) -
     return {
         "source": {"kind": "synthetic", "n": size, "seed": 1},
         "model": {"id": str(model)},
-        "sampler": {**FAST_RULE, "k": 1},
+        "sampler": {**FAST_RULE, "target": 1},
         "output": {"dir": out, "shard_size": shard_size},
         "resources": {"num_actors": actors},
     }

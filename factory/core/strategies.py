@@ -1,0 +1,158 @@
+"""Sampling strategies: how a problem's next traces are drafted, from what its earlier ones showed.
+
+A build works a problem in rounds until it has `target` distinct accepted traces or its pass budget
+is spent. Each round a strategy looks at the problem's attempts so far and drafts the next canvases:
+whether the gold answer is clamped, and which reasoning slots are already written. Strategies are
+pure functions `(Attempts) -> list[Draft]`, registered by name like the unmasking rules; the build
+turns drafts into seeded sampler requests and counts every pass they spend.
+
+Repair keeps what a failed trace got right: the steps before its first bad one stay token for token,
+the rest of the reasoning is masked again, and the model infills it with the gold answer clamped.
+An autoregressive sampler cannot rewrite the middle of a trace with both ends fixed; an MDLM can.
+Where the first bad step is depends on a locator (`LOCATORS`): the calculator, or the step labels.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from factory.core.checks import false_equation, final_number
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One trace already made for the problem, as a strategy sees it."""
+
+    round: int
+    clamped: bool  # made with the gold answer clamped
+    accepted: bool
+    duplicate: bool  # repeats an earlier trace of the problem
+    bad_step: int | None  # the first bad step the locators found; None when none was found
+    step_starts: tuple[int, ...]  # token offset of each step in the reasoning region
+    reasoning_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """A problem's state at the start of a round."""
+
+    round: int
+    wanted: int  # distinct accepted traces still missing
+    history: tuple[Attempt, ...] = ()
+
+    def last_round(self) -> tuple[Attempt, ...]:
+        return tuple(a for a in self.history if a.round == self.round - 1)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A canvas to sample: the gold answer clamped or not, and the reasoning tokens kept from an
+    earlier trace (the rest of the region is masked). `repaired_from_step` names the first step
+    rewritten when it repairs a trace."""
+
+    clamped: bool
+    prefix: tuple[int, ...] = ()
+    repaired_from_step: int | None = None
+
+
+Strategy = Callable[[Attempts], list[Draft]]
+STRATEGIES: dict[str, Callable[..., list[Draft]]] = {}
+
+
+def strategy(fn):
+    STRATEGIES[fn.__name__] = fn
+    return fn
+
+
+@strategy
+def prior(state: Attempts, rounds: int | None = None) -> list[Draft]:
+    """Answer masked; a trace is kept when it reaches the gold answer by itself: rejection sampling.
+    `rounds: 1` with `target: k` is fixed-k sampling (k traces, whatever they give)."""
+    return [Draft(clamped=False)] * state.wanted if rounds is None or state.round < rounds else []
+
+
+@strategy
+def posterior(state: Attempts, rounds: int | None = None) -> list[Draft]:
+    """Gold answer clamped, the model infills the reasoning (the seed paper's posterior traces).
+    `rounds: 1` with `target: k` is the fixed k of builds before budgets."""
+    return [Draft(clamped=True)] * state.wanted if rounds is None or state.round < rounds else []
+
+
+@strategy
+def prior_then_posterior(state: Attempts, prior_rounds: int = 1) -> list[Draft]:
+    """Rejection sampling first; the answer is clamped only for what it has not solved in
+    `prior_rounds` rounds (STaR's rationalization, spent only where the model fails)."""
+    return [Draft(clamped=state.round >= prior_rounds)] * state.wanted
+
+
+@strategy
+def repair(state: Attempts, start: str = "posterior") -> list[Draft]:
+    """The first round samples from `start` (posterior or prior); every later round repairs the last
+    round's failed traces from their first bad step, the answer clamped, and samples afresh (clamped)
+    only where there is nothing to repair (the last traces were duplicates or no step was located)."""
+    if start not in ("posterior", "prior"):
+        raise ValueError(f"repair: start must be 'posterior' or 'prior', got {start!r}")
+    if state.round == 0:
+        return [Draft(clamped=start == "posterior")] * state.wanted
+    repairable = [a for a in state.last_round() if not a.accepted and not a.duplicate and a.bad_step is not None]
+    drafts = [remask_from(a) for a in repairable[: state.wanted]]
+    return drafts + [Draft(clamped=True)] * (state.wanted - len(drafts))
+
+
+def remask_from(attempt: Attempt) -> Draft:
+    """Keep the attempt's tokens before its first bad step; the rest is masked again."""
+    keep = attempt.step_starts[attempt.bad_step]
+    return Draft(clamped=True, prefix=attempt.reasoning_ids[:keep], repaired_from_step=attempt.bad_step)
+
+
+def strategy_defaults(name: str) -> dict:
+    """A strategy's parameters and their defaults, from its signature."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown sampling strategy {name!r}; choose from {sorted(STRATEGIES)}")
+    return {p.name: p.default for p in inspect.signature(STRATEGIES[name]).parameters.values() if p.name != "state"}
+
+
+def make_strategy(name: str, **params) -> Strategy:
+    allowed = list(strategy_defaults(name))
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"strategy {name!r} takes no parameter {unknown}; it takes {allowed}")
+    made = partial(STRATEGIES[name], **params)
+    made(Attempts(round=0, wanted=1))  # bad parameter values fail here, before any compute
+    return made
+
+
+# ---- locating a trace's first bad step --------------------------------------------------------
+
+
+def calculator(steps: list[str], gold_answer: str, labels: list[bool]) -> int | None:
+    """The first step with a false equation; else the last step when it misses the gold answer."""
+    bad = next((i for i, step in enumerate(steps) if false_equation([step])), None)
+    if bad is None and steps and final_number(steps) != int(gold_answer):
+        bad = len(steps) - 1
+    return bad
+
+
+def step_labels(steps: list[str], gold_answer: str, labels: list[bool]) -> int | None:
+    """The first step the PRM labels call bad (a low self-consistency score, a false equation, or the
+    gold answer missed: `checks.step_labels`); they also see a true equation over the wrong operands."""
+    return next((i for i, good in enumerate(labels) if not good), None)
+
+
+LOCATORS: dict[str, Callable[[list[str], str, list[bool]], int | None]] = {"calculator": calculator, "step_labels": step_labels}
+
+
+def first_bad_step(locators: tuple[str, ...], steps: list[str], gold_answer: str, labels: list[bool]) -> int | None:
+    """The earliest bad step any of the locators finds, or None."""
+    found = [i for name in locators if (i := LOCATORS[name](steps, gold_answer, labels)) is not None]
+    return min(found, default=None)
+
+
+def split_budget(left: int, drafts: int) -> list[int]:
+    """Each of a round's drafts gets an equal share of what is left (the first ones the remainder),
+    as its pass cap; drafts beyond one pass each are dropped."""
+    n = min(drafts, left)
+    return [left // n + (1 if i < left % n else 0) for i in range(n)] if n > 0 else []

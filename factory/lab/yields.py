@@ -1,0 +1,199 @@
+"""`factory bench yield`: what each sampling strategy buys per forward pass, on the problems the model
+gets wrong.
+
+The problems a model already solves greedily teach it little; the ones it gets wrong are where data
+can teach. Every strategy runs on the same greedy-wrong problems with `target: 1` and the same
+budget of sampler passes per problem, and a problem counts as covered at budget B when one of its
+traces was accepted by the build's filters within its first B passes (the traces in the order they
+were made). A run at budget B differs from this only in the cap of the trace that crosses B, which
+there must write every slot left in its last pass (a lower bound, tight in practice: such a trace
+rarely passes). The ungrounded filter is off here so the rationalization shares are measured, not
+hidden: `grounded` is the share of accepted traces whose operands all come from the question or
+earlier results, `gold_steps` the share equal to the generator's gold steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from factory.build.spec import SamplerSpec, validate_spec
+from factory.build.stages import TraceMaker
+from factory.core.checks import ungrounded_operand
+from factory.core.sampler import CanvasSampler
+from factory.core.template import ReasoningTemplate
+from factory.lab.report import emit, markdown_table, write_section
+from factory.models.adapter import DTYPES, ModelAdapter
+from factory.synthetic import problems as synthetic
+
+BUDGETS = (8, 16, 32, 64)
+# name -> sampler settings beside target 1 and the budget; fixed-k rows sample k traces in one round.
+STRATEGIES = {
+    "rejection_k4": {"strategy": "prior", "strategy_params": {"rounds": 1}, "target": 4},
+    "posterior_k4": {"strategy": "posterior", "strategy_params": {"rounds": 1}, "target": 4},
+    "prior": {"strategy": "prior"},
+    "posterior": {"strategy": "posterior"},
+    "prior_then_posterior": {"strategy": "prior_then_posterior"},
+    "repair": {"strategy": "repair"},
+    "repair_from_prior": {"strategy": "repair", "strategy_params": {"start": "prior"}},
+    "repair_calculator": {"strategy": "repair", "locators": ["calculator"]},
+}
+BASELINE = "prior"
+
+
+def greedy_wrong(adapter: ModelAdapter, template: ReasoningTemplate, problems: list) -> list:
+    """The problems the build's rule gets wrong at temperature 0, answer masked."""
+    sampler = CanvasSampler(adapter, template, SamplerSpec(temperature=0).to_config())
+    results = sampler.generate([p.question for p in problems])
+    return [p for p, r in zip(problems, results) if template.parse_answer(r.answer_ids) != p.gold_answer]
+
+
+def run_strategy(adapter: ModelAdapter, model: str, problems: list, gold: dict, settings: dict, budgets: tuple[int, ...]) -> dict:
+    spec = validate_spec(
+        {
+            "model": {"id": model},
+            "sampler": {"target": 1, "budget": max(budgets), **settings},
+            "filters": {"grounded": False},
+        }
+    )
+    maker = TraceMaker(spec, adapter)
+    start = time.perf_counter()
+    traces = maker(problems)
+    wall = time.perf_counter() - start
+    covered_at: dict[str, int] = {}  # problem -> sampler passes spent when its first trace was accepted
+    spent: dict[str, int] = {}
+    for t in traces:  # in the order they were made
+        spent[t.problem_id] = spent.get(t.problem_id, 0) + t.nfe
+        if t.filter_reason is None and t.problem_id not in covered_at:
+            covered_at[t.problem_id] = spent[t.problem_id]
+    accepted = [t for t in traces if t.filter_reason is None]
+    passes = sum(t.nfe for t in traces)
+    return {
+        "coverage": {b: sum(1 for v in covered_at.values() if v <= b) for b in budgets},
+        "traces": len(traces),
+        "accepted": len(accepted),
+        "passes": passes,
+        "repair_passes": sum(t.nfe for t in traces if t.repaired_from_step is not None),
+        "scoring_passes": round(sum(t.scoring_passes for t in traces), 1),
+        "accepted_per_1000_passes": round(1000 * len(accepted) / passes, 2) if passes else None,
+        "duplicate_share": round(sum(t.filter_reason == "duplicate" for t in traces) / len(traces), 4) if traces else None,
+        "accepted_repaired": sum(t.repaired_from_step is not None for t in accepted),
+        "accepted_clamped": sum(t.clamped for t in accepted),
+        "grounded": round(sum(not ungrounded_operand(t.question, t.steps) for t in accepted) / len(accepted), 4) if accepted else None,
+        "ungrounded_accepted": sum(ungrounded_operand(t.question, t.steps) for t in accepted),
+        "gold_steps": round(sum(t.steps == gold[t.problem_id] for t in accepted) / len(accepted), 4) if accepted else None,
+        "wall_s": round(wall, 1),
+    }
+
+
+def bench_yield(model: str, n: int, seed: int, min_steps: int, max_steps: int, budgets: tuple[int, ...], dtype: str, only=None) -> dict:
+    adapter = ModelAdapter.load(model, dtype=dtype)
+    spec = validate_spec({"model": {"id": model}})
+    template = ReasoningTemplate(adapter.tokenizer, spec.template.to_config())
+    problems = [p.to_record() for p in synthetic.generate(n, seed, synthetic.SyntheticConfig(min_steps, max_steps))]
+    wrong = greedy_wrong(adapter, template, problems)
+    gold = {p.problem_id: p.gold_steps for p in wrong}
+    strategies = {}
+    for name, settings in STRATEGIES.items():
+        if only and name not in only:
+            continue
+        strategies[name] = run_strategy(adapter, model, wrong, gold, settings, budgets)
+        print(f"[bench yield] {name}: {strategies[name]}", flush=True)
+    base = strategies.get(BASELINE)
+    for row in strategies.values():
+        row["coverage_vs_prior"] = {
+            b: round(row["coverage"][b] / base["coverage"][b], 3) if base and base["coverage"][b] else None for b in budgets
+        }
+    return {
+        "model": model,
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "n": n,
+        "seed": seed,
+        "steps": [min_steps, max_steps],
+        "budgets": list(budgets),
+        "wrong": len(wrong),
+        "strategies": strategies,
+    }
+
+
+def yield_markdown(reports: list[dict], plot_name: str | None) -> str:
+    parts = [
+        "## Yield per pass\n\n"
+        "`factory bench yield` (`factory/lab/yields.py`): every strategy on the same problems its model gets wrong greedily "
+        "(the build's rule at temperature 0, answer masked), `target: 1`, the same budget of sampler passes per problem. "
+        "Covered at B: a trace accepted by the build's filters (the ungrounded filter off, to measure it) within the problem's "
+        "first B passes. `rejection_k4`/`posterior_k4`: four traces in one round, each capped at a quarter of the budget. "
+        "`repair`: posterior first, then each failed trace remasked from its first bad step (calculator and step labels) "
+        "with the answer clamped; `repair_from_prior` starts from rejection sampling; `repair_calculator` locates with the "
+        "calculator alone. Passes, traces and shares are at the largest budget."
+    ]
+    for report in reports:
+        budgets = report["budgets"]
+        rows = []
+        for name, r in report["strategies"].items():
+            row = {"strategy": name, **{f"covered@{b}": r["coverage"][b] for b in budgets}}
+            row["x prior @max"] = r["coverage_vs_prior"][budgets[-1]]
+            row |= {k: r[k] for k in ("passes", "repair_passes", "accepted_per_1000_passes", "duplicate_share", "grounded", "gold_steps")}
+            rows.append(row)
+        cols = list(rows[0]) if rows else []
+        lo, hi = report["steps"]
+        parts.append(
+            f"### `{report['model']}`, {lo}–{hi} steps\n\n"
+            f"`factory bench yield --model {report['model']} --n {report['n']} --seed {report['seed']} --min-steps {lo} "
+            f"--max-steps {hi} --dtype {report['dtype']}`: {report['wrong']} of {report['n']} problems wrong greedily.\n\n"
+            + markdown_table(rows, cols)
+        )
+    if plot_name:
+        parts.append(f"![coverage vs budget]({plot_name})")
+    return "\n\n".join(parts) + "\n"
+
+
+def coverage_plot(path: Path, reports: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 4), squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        for name, r in report["strategies"].items():
+            ax.plot(report["budgets"], [r["coverage"][b] for b in report["budgets"]], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampler passes per problem")
+        ax.set_ylabel(f"covered (of {report['wrong']} wrong)")
+        ax.set_title(f"{Path(report['model']).name}, {report['steps'][0]}-{report['steps'][1]} steps")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cli_yield(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="factory bench yield", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--min-steps", type=int, default=5)
+    ap.add_argument("--max-steps", type=int, default=6)
+    ap.add_argument("--budget", type=int, nargs="+", default=list(BUDGETS), help="passes per problem; the largest is run")
+    ap.add_argument("--only", nargs="*", help="run only these strategies (the prior baseline is always run)")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--also", type=Path, nargs="*", default=[], help="earlier reports (JSON) to put in the same docs section")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--docs", type=Path, help="write the docs section `bench:yield` (and its plot) to this page")
+    args = ap.parse_args(argv)
+    only = set(args.only) | {BASELINE} if args.only else None
+    report = bench_yield(args.model, args.n, args.seed, args.min_steps, args.max_steps, tuple(sorted(args.budget)), args.dtype, only)
+    emit(report, args.json)
+    if args.docs:
+        import json
+
+        reports = [json.loads(p.read_text()) for p in args.also] + [report]
+        for r in reports:  # JSON keys are strings
+            for s in r["strategies"].values():
+                s["coverage"] = {int(b): v for b, v in s["coverage"].items()}
+                s["coverage_vs_prior"] = {int(b): v for b, v in s["coverage_vs_prior"].items()}
+        plot = args.docs.parent / "yield_coverage.png"
+        coverage_plot(plot, reports)
+        write_section("yield", yield_markdown(reports, plot.name), args.docs)
