@@ -31,6 +31,7 @@ from factory.core.checks import false_equation, final_number, step_labels
 from factory.core.numbers import canonical_answer
 from factory.core.sampler import SampleResult
 from factory.core.scoring import Trace
+from factory.core.strategies import Draft
 from factory.lab.pipeline import bench_pipeline
 from factory.models import adapter as model_adapter
 from factory.models.embedded import EMBEDDED_MODEL_DIR
@@ -352,7 +353,7 @@ def test_stages_compose_without_ray_and_do_not_depend_on_sharding(tmp_path, tiny
     reasoning += [tpl.filler_id] * (tpl.config.reasoning_slots - len(reasoning))
     answer = tpl.encode_answer(problem.gold_answer)
     scores = maker.scorer.score([Trace(tpl.encode_question(problem.question), reasoning, answer)])[0]
-    row = maker.trace_row(problem, 0, SampleResult(None, reasoning, answer, nfe=1, exited_early=False), scores)
+    row = maker.trace_row(problem, 0, SampleResult(None, reasoning, answer, nfe=1, exited_early=False), scores, 0, Draft(True))
     assert row.reasoning == problem.gold_steps[0] and row.steps == [problem.gold_steps[0]]
 
     out, root = BuildDir(spec.output.dir), Path(spec.output.dir)

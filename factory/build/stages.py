@@ -18,10 +18,10 @@ from collections import Counter
 from factory.build.filters import drop_reason
 from factory.build.provenance import code_version
 from factory.build.spec import BuildSpec, ModelSpec
-from factory.core.checks import step_labels
+from factory.core.checks import step_labels, true_result
 from factory.core.sampler import CanvasSampler, Request, SampleResult, seed_for
+from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores, equals_offset
 from factory.core.strategies import Attempt, Attempts, Draft, first_bad_step, make_strategy, split_budget
-from factory.core.scoring import LABEL_SOURCES, StepScorer, Trace, TraceScores
 from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
 from factory.models.adapter import load_tokenizer as load_model_tokenizer
@@ -134,16 +134,29 @@ class TraceMaker:
             run.spent += row.nfe
             run.accepted += reason is None
             bad = first_bad_step(self.spec.sampler.locators, row.steps, row.gold_answer, row.step_labels) if reason else None
-            starts = tuple(a for a, _ in self.template.step_spans(sample.reasoning_ids))
+            spans = self.template.step_spans(sample.reasoning_ids)
+            calculated = self.calculated(sample.reasoning_ids, spans[bad], row.steps[bad]) if bad is not None else None
+            starts = tuple(a for a, _ in spans)
             run.history.append(
-                Attempt(round_, draft.clamped, reason is None, reason == "duplicate", bad, starts, tuple(sample.reasoning_ids))
+                Attempt(round_, draft.clamped, reason is None, reason == "duplicate", bad, starts, tuple(sample.reasoning_ids), calculated)
             )
             run.rows.append(row)
             rows.append(row)
         return rows
 
+    def calculated(self, reasoning_ids: list[int], span: tuple[int, int], step: str) -> tuple[int, ...] | None:
+        """The reasoning up to the step's last '=' followed by the true result, when its last
+        equation is false; else None."""
+        value = true_result(step)
+        eq = equals_offset(self.template, reasoning_ids[span[0] : span[1]])
+        if value is None or eq < 0:
+            return None
+        result = self.template.encode_text(" " + value)
+        keep = span[0] + eq + 1
+        return tuple(reasoning_ids[:keep]) + tuple(result) if keep + len(result) < self.spec.template.reasoning_slots else None
+
     def trace_row(
-        self, problem: Problem, sample_index: int, sample: SampleResult, scores: TraceScores, round_: int = 0, draft: Draft = Draft(True)
+        self, problem: Problem, sample_index: int, sample: SampleResult, scores: TraceScores, round_: int, draft: Draft
     ) -> TraceRow:
         tpl, scoring = self.template, self.spec.scoring
         steps = tpl.split_steps(sample.reasoning_ids)

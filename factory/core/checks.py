@@ -48,6 +48,19 @@ def false_equation(steps: Iterable[str]) -> bool:
     return False
 
 
+def true_result(step: str) -> str | None:
+    """The value the step's last equation should have, as integer text, when that equation is false
+    and its true value is an integer; else None. What a calculator would have written."""
+    equations = EQUATION.findall(step)
+    if not equations:
+        return None
+    expression, result = equations[-1]
+    value = evaluate_chain(expression)
+    if value is None or value == number_value(result) or value.denominator != 1:
+        return None
+    return str(value.numerator)
+
+
 def ungrounded_operand(question: str, steps: Iterable[str]) -> bool:
     """Whether a step computes with a number that is neither stated in the question nor a result of an
     earlier equation: how a trace reaches a clamped answer by inventing what it needs. A problem whose

@@ -33,6 +33,9 @@ class Attempt:
     bad_step: int | None  # the first bad step the locators found; None when none was found
     step_starts: tuple[int, ...]  # token offset of each step in the reasoning region
     reasoning_ids: tuple[int, ...]
+    # The reasoning up to the bad step's '=' and the result a calculator computes there, when the
+    # bad step's last equation is false: a slip fixed, the rest to be written again.
+    calculated: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,21 +92,26 @@ def prior_then_posterior(state: Attempts, prior_rounds: int = 1) -> list[Draft]:
 
 
 @strategy
-def repair(state: Attempts, start: str = "posterior") -> list[Draft]:
+def repair(state: Attempts, start: str = "posterior", calculate: bool = True) -> list[Draft]:
     """The first round samples from `start` (posterior or prior); every later round repairs the last
     round's failed traces from their first bad step, the answer clamped, and samples afresh (clamped)
-    only where there is nothing to repair (the last traces were duplicates or no step was located)."""
+    only where there is nothing to repair (the last traces were duplicates or no step was located).
+    `calculate`: where the bad step is a false equation, its result is the calculator's and only what
+    follows it is written again (without it the model, shown its own operands, often repeats the slip)."""
     if start not in ("posterior", "prior"):
         raise ValueError(f"repair: start must be 'posterior' or 'prior', got {start!r}")
     if state.round == 0:
         return [Draft(clamped=start == "posterior")] * state.wanted
     repairable = [a for a in state.last_round() if not a.accepted and not a.duplicate and a.bad_step is not None]
-    drafts = [remask_from(a) for a in repairable[: state.wanted]]
+    drafts = [remask_from(a, calculate) for a in repairable[: state.wanted]]
     return drafts + [Draft(clamped=True)] * (state.wanted - len(drafts))
 
 
-def remask_from(attempt: Attempt) -> Draft:
-    """Keep the attempt's tokens before its first bad step; the rest is masked again."""
+def remask_from(attempt: Attempt, calculate: bool) -> Draft:
+    """Keep the attempt's tokens before its first bad step (and, calculating, the bad step's operands
+    with the true result); the rest is masked again."""
+    if calculate and attempt.calculated is not None:
+        return Draft(clamped=True, prefix=attempt.calculated, repaired_from_step=attempt.bad_step)
     keep = attempt.step_starts[attempt.bad_step]
     return Draft(clamped=True, prefix=attempt.reasoning_ids[:keep], repaired_from_step=attempt.bad_step)
 

@@ -37,7 +37,7 @@ STRATEGIES = {
     "prior_then_posterior": {"strategy": "prior_then_posterior"},
     "repair": {"strategy": "repair"},
     "repair_from_prior": {"strategy": "repair", "strategy_params": {"start": "prior"}},
-    "repair_calculator": {"strategy": "repair", "locators": ["calculator"]},
+    "repair_no_calculate": {"strategy": "repair", "strategy_params": {"calculate": False}},
 }
 BASELINE = "prior"
 
@@ -125,8 +125,9 @@ def yield_markdown(reports: list[dict], plot_name: str | None) -> str:
         "Covered at B: a trace accepted by the build's filters (the ungrounded filter off, to measure it) within the problem's "
         "first B passes. `rejection_k4`/`posterior_k4`: four traces in one round, each capped at a quarter of the budget. "
         "`repair`: posterior first, then each failed trace remasked from its first bad step (calculator and step labels) "
-        "with the answer clamped; `repair_from_prior` starts from rejection sampling; `repair_calculator` locates with the "
-        "calculator alone. Passes, traces and shares are at the largest budget."
+        "with the answer clamped, a false equation's result written by the calculator; `repair_from_prior` starts from "
+        "rejection sampling; `repair_no_calculate` lets the model rewrite the bad step whole. "
+        "Passes, traces and shares are at the largest budget."
     ]
     for report in reports:
         budgets = report["budgets"]
