@@ -52,7 +52,8 @@ class TraceRow(Problem):
     min_step_score: float
     step_labels: list[bool] = Field(description="PRM labels: True while the step and all before it pass (see factory.core.checks)")
     filter_reason: str | None = Field(default=None, description="the first filter the trace failed; None when accepted")
-    scoring_passes: float
+    scoring_passes: float = Field(description="the scorer's batched forward calls, this trace's share")
+    scoring_canvases: int = Field(description="the distinct canvases the scorer read first for this trace (the unit of nfe)")
     # provenance
     model_id: str
     model_revision: str | None
@@ -139,7 +140,7 @@ class ShardStats(BaseModel):
     filtered: dict[str, int] = Field(description="filtered traces by reason (kept in the `filtered` config)")
     nfe_sum: int = Field(description="sampler passes over all sampled traces: sampling and repair")
     repair_passes: int = Field(description="the part of nfe_sum spent repairing traces")
-    scoring_passes: float = Field(description="the step scorer's forward passes over all sampled traces")
+    scoring_canvases: int = Field(description="the step scorer's canvases over all sampled traces (one canvas, one forward: nfe's unit)")
     step_score_sum: float = Field(description="over all steps of all sampled traces")
     step_count: int
     sample_s: float

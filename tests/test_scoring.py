@@ -132,6 +132,7 @@ def test_reads_of_one_canvas_share_a_pass_and_score_as_they_would_alone(tiny_ada
     fresh.score(batch)
     assert fresh.stats == {"forward_passes": 1, "canvases": distinct}  # each distinct canvas read once
     assert shared[-1].forward_passes == 0 and shared[0].forward_passes > 0  # the repeat owns no pass
+    assert sum(s.canvases for s in shared) == distinct and shared[-1].canvases == 0  # nor a canvas
 
 
 def test_answer_consistency_reads_the_same_slots_with_the_gold_answer_visible(tiny_adapter, template, traces):

@@ -304,9 +304,9 @@ def build_manifest(
         "rejected": {"total": len(rejected), "by_reason": dict(sorted(Counter(r.reason for r in rejected).items()))},
         "filtered": {"total": sum(filtered.values()), "by_reason": dict(sorted(filtered.items()))},
         "mean_nfe": passes / sampled if sampled else None,
-        # Yield: what the passes bought. Sampling and repair are the budgeted sampler passes; scoring
-        # is the step scorer's, counted apart.
-        "passes": {"sampling": passes - repair, "repair": repair, "scoring": round(sum(s.scoring_passes for s in summaries), 3)},
+        # Yield: what the passes bought, each pass one canvas through one forward. Sampling and repair
+        # are the budgeted sampler passes; scoring is the step scorer's canvases, counted apart.
+        "passes": {"sampling": passes - repair, "repair": repair, "scoring": sum(s.scoring_canvases for s in summaries)},
         "passes_per_accepted": passes / accepted if accepted else None,
         "duplicate_share": filtered["duplicate"] / sampled if sampled else None,
         "unsolved": rows["unsolved"],
@@ -326,8 +326,8 @@ Built by `factory build` (mdlm-factory {code_version}) from spec `{spec_hash}`: 
 scored every step with the model itself (no rollouts, no other model), and kept {accepted}. Each
 problem was sampled in rounds until it had {target} accepted trace(s) or had spent {budget} forward passes.
 
-Yield: {passes_spent} sampler passes ({repair_passes} of them repairing traces) and {scoring_passes}
-scoring passes; {passes_per_accepted} sampler passes per accepted trace; {duplicate_share} of the
+Yield (a pass is one canvas through one forward): {passes_spent} sampler passes ({repair_passes} of them
+repairing traces) and {scoring_passes} scoring passes; {passes_per_accepted} sampler passes per accepted trace; {duplicate_share} of the
 sampled traces were duplicates; {unsolved} problems got no accepted trace (config `unsolved`).
 
 | config | contents |
@@ -398,7 +398,7 @@ def dataset_card(spec: BuildSpec, manifest: dict) -> str:
         budget=spec.sampler.budget,
         passes_spent=manifest["passes"]["sampling"] + manifest["passes"]["repair"],
         repair_passes=manifest["passes"]["repair"],
-        scoring_passes=f"{manifest['passes']['scoring']:.1f}",
+        scoring_passes=manifest["passes"]["scoring"],
         passes_per_accepted=f"{manifest['passes_per_accepted']:.2f}" if manifest["passes_per_accepted"] is not None else "n/a",
         duplicate_share=f"{manifest['duplicate_share']:.1%}" if manifest["duplicate_share"] is not None else "n/a",
         unsolved=manifest["unsolved"],

@@ -53,6 +53,9 @@ class TraceScores:
     # The same two reads with the gold answer visible; None when `score` was not asked for them.
     answer_result_consistency: list[float] | None = field(default=None)
     answer_operand_consistency: list[float] | None = field(default=None)
+    # Distinct canvases this trace was the first to read: one canvas through one forward, the unit a
+    # sampler row's passes (nfe) count in, so scoring and sampling costs add up.
+    canvases: int = 0
 
     @property
     def self_consistency(self) -> list[float]:
@@ -198,7 +201,7 @@ class StepScorer:
                 logp = [sum(sum(v) for v in pv[k : k + m]) for k in range(0, len(pv), m)]
             steps = [b - a for a, b in zip(logp, logp[1:])]
             means = [mean(v) for v in cv]
-            scores = TraceScores(logp, steps, means[0::2], means[1::2], per_row_passes * rows_owned)
+            scores = TraceScores(logp, steps, means[0::2], means[1::2], per_row_passes * rows_owned, canvases=rows_owned)
             if answer_consistency:
                 answered_means = [mean(next(answered_values)) for _ in own_answered]
                 scores.answer_result_consistency, scores.answer_operand_consistency = answered_means[0::2], answered_means[1::2]
