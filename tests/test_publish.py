@@ -738,3 +738,51 @@ def test_a_scheduled_run_builds_incrementally_publishes_only_what_changed_and_ne
             scheduled_build.main(["--spec", str(spec), "--output", str(out), "--repo-id", REPO])
     assert str(exit_.value.code).startswith("scheduled build: ") and f"pid {os.getpid()}" in str(exit_.value.code)
     assert len(hub.history()) == 3
+
+
+# ---- crashes mid-publish (#29): a rerun finishes the job without a second commit ---------------
+
+
+def test_a_publisher_killed_between_its_commit_and_its_tag_is_finished_by_a_rerun(hub, build_a, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies with the commit made and the tag not yet
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HfApi, "create_tag", killed)
+        with pytest.raises(KeyboardInterrupt):
+            publish(build_a, REPO)
+    commits = [c.title for c in hub.history()]
+    assert commits[-1].startswith("Publish build aaaaaaaaaaaa") and "build-aaaaaaaaaaaa" not in hub.repos[f"datasets/{REPO}"].tags
+    result = publish(build_a, REPO)  # the rerun only tags what the branch already holds
+    assert [c.title for c in hub.history()] == commits
+    assert hub.repos[f"datasets/{REPO}"].tags["build-aaaaaaaaaaaa"] == hub.history()[-1].oid == result["commit"]
+
+
+def test_a_scheduled_run_killed_after_the_tag_and_before_its_marker_publishes_nothing_twice(hub, tmp_path, tiny_adapter, monkeypatch):
+    from functools import partial
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import scheduled_build
+
+    from factory.build.command import build
+    from factory.build.runner import run_in_process
+    from factory.synthetic.problems import generate
+
+    monkeypatch.setattr(scheduled_build, "build", partial(build, runner=partial(run_in_process, adapter=tiny_adapter), log=lambda _: None))
+    source, out, spec = tmp_path / "pool.jsonl", tmp_path / "nightly", tmp_path / "spec.yaml"
+    source.write_text("".join(json.dumps({"question": p.question, "answer": str(p.answer)}) + "\n" for p in generate(3, seed=4)))
+    spec.write_text(json.dumps({"source": {"kind": "local", "path": str(source)}, "sampler": {"budget": 8}}))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scheduled_build, "write_text", killed)
+        with pytest.raises(KeyboardInterrupt):
+            scheduled_build.scheduled_run(str(spec), out, REPO)
+    commits = [c.oid for c in hub.history()]
+    assert not scheduled_build.published_marker(out).exists() and len(commits) == 2
+    rerun = scheduled_build.scheduled_run(str(spec), out, REPO)
+    assert [c.oid for c in hub.history()] == commits  # no second commit, and the tag stays where it was
+    assert rerun["fingerprint"] in json.loads(scheduled_build.published_marker(out).read_text()).values()
+    assert scheduled_build.scheduled_run(str(spec), out, REPO)["published"] is False  # and the marker now says so

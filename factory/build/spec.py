@@ -320,16 +320,21 @@ def validate_spec(data: Any, origin: str = "spec") -> BuildSpec:
 
 
 def describe_error(error: dict) -> str:
-    """One readable line per pydantic error: the dotted key, what was given, what is allowed."""
+    """One readable line per pydantic error: the dotted key, what was given, what is allowed. A key
+    that is not printable (a newline, a control character) is shown quoted, so the line stays one."""
     loc = error["loc"]
     if error["type"] == "extra_forbidden":
         names, model = walk(loc[:-1])
         allowed = ", ".join(model.model_fields) if model else "?"
-        return f"{'.'.join([*names, str(loc[-1])])}: unknown key; allowed keys: {allowed}"
+        return f"{'.'.join(map(printable, [*names, str(loc[-1])]))}: unknown key; allowed keys: {allowed}"
     names, _ = walk(loc)
-    message = error["msg"].removeprefix("Value error, ")
+    message = " ".join(error["msg"].removeprefix("Value error, ").split())
     given = f" (got {error['input']!r})" if error["type"] in ("literal_error", "enum") else ""
-    return f"{'.'.join(names) or 'spec'}: {message}{given}"
+    return f"{'.'.join(map(printable, names)) or 'spec'}: {message}{given}"
+
+
+def printable(key: str) -> str:
+    return key if key.isprintable() and key.strip() == key and key else repr(key)
 
 
 def walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
