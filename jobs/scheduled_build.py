@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from factory.build.command import build  # noqa: E402
-from factory.build.lock import LockHeld, RunLock, lock_path  # noqa: E402
+from factory.build.lock import LockHeld, output_lock  # noqa: E402
 from factory.build.output import BuildError, write_text  # noqa: E402
 from factory.build.sources import SourceError  # noqa: E402
 from factory.build.spec import SpecError, load_spec  # noqa: E402
@@ -34,7 +34,7 @@ def scheduled_run(
 ) -> dict:
     """Build, then publish if the dataset's fingerprint is not the one last published to this repo."""
     spec = load_spec(spec_path).with_overrides(output_dir=out)
-    with RunLock(lock_path(out), stale_after=stale_after):
+    with output_lock(out, stale_after=stale_after):
         manifest = build(spec, address, lock=False)  # this run holds the lock over the build and the publish
         marker = published_marker(out)
         last = json.loads(marker.read_text()) if marker.exists() else {}

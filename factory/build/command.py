@@ -13,13 +13,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import chain
 
-from factory.build.lock import LockHeld, RunLock, lock_path
+from factory.build.lock import LockHeld, output_lock
 from factory.build.output import BuildDir, BuildError
 from factory.build.runner import run_ray_build
 from factory.build.sources import SourceError, iter_problems
 from factory.build.spec import BuildSpec, SpecError, load_spec
 from factory.build.stages import driver_template
-from factory.build.storage import is_uri
 from factory.models.adapter import ModelNotFound, model_revision
 from schemas.records import Rejected, ShardResult, ShardSummary
 
@@ -66,11 +65,11 @@ def build(
     shard's summary once it is stored. The source streams into shard plans (the driver holds one
     shard's problems at a time, and the ids seen); the shards run on Ray (at `address`, else a local
     Ray) unless another `runner` is given, e.g. `runner.run_in_process`: the steps do not know their
-    executor. A build of a local directory holds its run lock (`lock=False`: the caller holds it);
-    on a URI, keeping two builds apart is the scheduler's job."""
-    if not lock or is_uri(spec.output.dir):
+    executor. A build holds its output's run lock (`lock.output_lock`: a file beside a directory, a
+    lease beside an `s3://` prefix; `lock=False`: the caller holds it)."""
+    if not lock:
         return run_build(spec, address, log, on_shard, runner)
-    with RunLock(lock_path(spec.output.dir), log=log):
+    with output_lock(spec.output.dir, log=log):
         return run_build(spec, address, log, on_shard, runner)
 
 

@@ -158,3 +158,121 @@ def started_epoch(holder: dict) -> float:
         return datetime.fromisoformat(holder["started"]).timestamp()
     except (KeyError, TypeError, ValueError):
         return 0.0
+
+
+# ---- object storage ---------------------------------------------------------------------------
+
+LEASE_TTL_S = 600.0  # a lease lasts this long unless renewed; a killed run's lease is taken over once it has expired
+
+
+class S3Lease:
+    """The run lock of an `s3://` output: a lease object beside the output prefix (`.NAME.lock`),
+    holding {owner, pid, host, started, expires}. It is created with a conditional write (`If-None-Match:
+    *`: of two runs, exactly one creates it), renewed every ttl/3 while held, and taken over once expired
+    with a write conditional on the expired object's ETag (`If-Match`: of two runs taking it over, one
+    wins). S3 has offered both since 2024; a store without them would let two runs in, so on other object
+    stores the lock is best effort (see the README). `with S3Lease(uri): ...` holds it for the block."""
+
+    def __init__(self, output_uri: str, *, ttl: float = LEASE_TTL_S, log: Callable[[str], None] = print, client=None):
+        import boto3
+
+        bucket, _, prefix = output_uri.removeprefix("s3://").partition("/")
+        parent, _, name = prefix.rstrip("/").rpartition("/")
+        self.bucket, self.key = bucket, f"{parent}/.{name}.lock" if parent else f".{name}.lock"
+        self.uri, self.ttl, self.log = f"s3://{self.bucket}/{self.key}", ttl, log
+        self.client = client or boto3.client("s3")
+        self.owner = uuid.uuid4().hex
+        self.etag: str | None = None
+        self._stop = None
+
+    def __enter__(self) -> S3Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def record(self) -> bytes:
+        now = time.time()
+        holder = {"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname()}
+        started = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
+        return (json.dumps({**holder, "started": started, "expires": now + self.ttl}) + "\n").encode()
+
+    def put(self, **condition) -> bool:
+        """One conditional write of a fresh record; False when the condition failed."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self.record(), **condition)["ETag"]
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412"):
+                return False
+            raise
+
+    def acquire(self) -> None:
+        from botocore.exceptions import ClientError
+
+        for _ in range(5):
+            if self.put(IfNoneMatch="*"):
+                break
+            try:
+                seen = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            except ClientError:  # released meanwhile: try again
+                continue
+            holder = parse_holder(seen["Body"].read())
+            expires = holder.get("expires")
+            if isinstance(expires, (int, float)) and expires > time.time():
+                raise LockHeld(
+                    f"another run holds {self.uri}: pid {holder.get('pid')} on host {holder.get('host')} since"
+                    f" {holder.get('started')}, its lease renewed until {datetime.fromtimestamp(expires, UTC).isoformat(timespec='seconds')}"
+                )
+            if self.put(IfMatch=seen["ETag"]):
+                self.log(f"taking over the expired lease {self.uri} (pid {holder.get('pid')} on host {holder.get('host')})")
+                break
+        else:
+            raise LockHeld(f"could not take the lease {self.uri}: other runs keep racing for it")
+        self._renew_in_background()
+
+    def _renew_in_background(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def renew() -> None:
+            while not self._stop.wait(self.ttl / 3):
+                if not self.put(IfMatch=self.etag):
+                    self.log(f"lost the lease {self.uri}: another run took it over")
+                    return
+
+        threading.Thread(target=renew, name="s3-lease", daemon=True).start()
+
+    def release(self) -> None:
+        """Delete the lease if it is still ours (read, compare, delete: a run that took it over keeps its own)."""
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        try:
+            seen = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            if parse_holder(seen["Body"].read()).get("owner") == self.owner:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+        except Exception as err:  # the lease expires by itself; never fail a finished run over it
+            self.log(f"could not release the lease {self.uri}: {type(err).__name__}")
+
+
+def output_lock(output: str | Path, *, stale_after: float | None = None, log: Callable[[str], None] = print):
+    """The run lock of a build output: a lock file beside a local directory (or a `file://` path), a
+    lease object beside an `s3://` prefix. Other stores have no lock: keeping two runs apart there is
+    the scheduler's job (the README says so)."""
+    from contextlib import nullcontext
+
+    text = str(output)
+    if text.startswith("s3://"):
+        return S3Lease(text, log=log)
+    if text.startswith("file://"):
+        return RunLock(lock_path(text.removeprefix("file://")), stale_after=stale_after, log=log)
+    if "://" in text:
+        log(f"no run lock on {text.split('://')[0]}:// storage: keep two runs of {text} apart yourself")
+        return nullcontext()
+    return RunLock(lock_path(text), stale_after=stale_after, log=log)
