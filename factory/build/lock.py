@@ -223,9 +223,10 @@ class S3Lease:
             holder = parse_holder(seen["Body"].read())
             expires = holder.get("expires")
             if isinstance(expires, (int, float)) and expires > time.time():
+                until = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
                 raise LockHeld(
                     f"another run holds {self.uri}: pid {holder.get('pid')} on host {holder.get('host')} since"
-                    f" {holder.get('started')}, its lease renewed until {datetime.fromtimestamp(expires, UTC).isoformat(timespec='seconds')}"
+                    f" {holder.get('started')}, its lease renewed until {until}"
                 )
             if self.put(IfMatch=seen["ETag"]):
                 self.log(f"taking over the expired lease {self.uri} (pid {holder.get('pid')} on host {holder.get('host')})")
