@@ -37,11 +37,11 @@ def spec_error(data) -> str:
 # ---- strategies, pure ------------------------------------------------------------------------
 
 
-def attempt(round_, accepted=False, duplicate=False, bad=1, calculated=None):
-    return Attempt(round_, True, accepted, duplicate, bad, (0, 5, 9), tuple(range(100, 112)), calculated)
+def attempt(round_, accepted=False, duplicate=False, bad=1, calculated=None, prefix=()):
+    return Attempt(round_, True, accepted, duplicate, bad, (0, 5, 9), tuple(range(100, 112)), calculated, prefix)
 
 
-def test_strategies_draft_from_what_the_last_round_showed():
+def test_strategies_draft_from_what_earlier_rounds_showed():
     assert make_strategy("prior")(Attempts(0, 2)) == [Draft(clamped=False)] * 2
     assert make_strategy("posterior")(Attempts(3, 1)) == [Draft(clamped=True)]
     assert make_strategy("posterior", rounds=1)(Attempts(1, 1)) == []  # fixed k: one round
@@ -50,8 +50,12 @@ def test_strategies_draft_from_what_the_last_round_showed():
     repair = make_strategy("repair")
     assert repair(Attempts(0, 1)) == [Draft(True)] and make_strategy("repair", start="prior")(Attempts(0, 1)) == [Draft(False)]
     history = (attempt(0, bad=0), attempt(1, bad=1), attempt(1, duplicate=True), attempt(1, accepted=True, bad=None))
-    # only the last round's failed, located, non-duplicate traces are repaired; the rest of the want is sampled afresh
+    # failed, located, non-duplicate traces are repaired, newest first; the rest of the want is sampled afresh
     assert repair(Attempts(2, 2, history)) == [Draft(True, tuple(range(100, 105)), 1), Draft(True)]
+    # a draft already tried is not drafted again: the repair backs off a step
+    again = (attempt(0, bad=2), attempt(1, bad=2, prefix=tuple(range(100, 109))))
+    assert repair(Attempts(2, 1, again)) == [Draft(True, tuple(range(100, 105)), 1)]
+    assert repair(Attempts(3, 1, (*again, attempt(2, bad=1, prefix=tuple(range(100, 105)))))) == [Draft(True)]  # all tried
     # a false equation: its operands kept and the calculator's result written, only what follows is new
     fixed = (attempt(0, bad=2, calculated=(100, 101, 7)),)
     assert repair(Attempts(1, 1, fixed)) == [Draft(True, (100, 101, 7), 2)]
@@ -201,11 +205,18 @@ def test_a_repaired_trace_keeps_its_prefix_token_for_token(embedded_adapter):
     assert repaired and seen_prefixes, "no trace was repaired"
     for prefix, draft, row, run in seen_prefixes:
         assert list(draft.prefix) == prefix
-        parent = next(i for i, a in enumerate(run.history) if a.round == row.round - 1 and a.reasoning_ids[: len(prefix)] == tuple(prefix))
-        assert run.history[parent].bad_step == row.repaired_from_step and not run.history[parent].accepted
+        k = row.repaired_from_step
+        parent = next(  # a failed trace of an earlier round, cut at the start of its step k, at or before its first bad one
+            i
+            for i, a in enumerate(run.history)
+            if a.round < row.round
+            and not a.accepted
+            and a.reasoning_ids[: len(prefix)] == tuple(prefix)
+            and a.step_starts[k] == len(prefix)
+        )
+        assert k <= run.history[parent].bad_step
         written = run.history[[r.trace_id for r in run.rows].index(row.trace_id)].reasoning_ids
         assert written[: len(prefix)] == tuple(prefix)  # the kept tokens came back untouched
-        k = row.repaired_from_step
         assert row.steps[:k] == run.rows[parent].steps[:k]  # so are the steps before the bad one
     for made in {r.problem_id: [x for x in rows if x.problem_id == r.problem_id] for r in rows}.values():
         assert sum(r.nfe for r in made) <= 40

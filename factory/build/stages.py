@@ -138,7 +138,17 @@ class TraceMaker:
             calculated = self.calculated(sample.reasoning_ids, spans[bad], row.steps[bad]) if bad is not None else None
             starts = tuple(a for a, _ in spans)
             run.history.append(
-                Attempt(round_, draft.clamped, reason is None, reason == "duplicate", bad, starts, tuple(sample.reasoning_ids), calculated)
+                Attempt(
+                    round_,
+                    draft.clamped,
+                    reason is None,
+                    reason == "duplicate",
+                    bad,
+                    starts,
+                    tuple(sample.reasoning_ids),
+                    calculated,
+                    draft.prefix,
+                )
             )
             run.rows.append(row)
             rows.append(row)

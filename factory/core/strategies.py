@@ -36,6 +36,7 @@ class Attempt:
     # The reasoning up to the bad step's '=' and the result a calculator computes there, when the
     # bad step's last equation is false: a slip fixed, the rest to be written again.
     calculated: tuple[int, ...] | None = None
+    prefix: tuple[int, ...] = ()  # the tokens it was drafted with (a repair's kept prefix)
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,6 @@ class Attempts:
     round: int
     wanted: int  # distinct accepted traces still missing
     history: tuple[Attempt, ...] = ()
-
-    def last_round(self) -> tuple[Attempt, ...]:
-        return tuple(a for a in self.history if a.round == self.round - 1)
 
 
 @dataclass(frozen=True)
@@ -93,27 +91,36 @@ def prior_then_posterior(state: Attempts, prior_rounds: int = 1) -> list[Draft]:
 
 @strategy
 def repair(state: Attempts, start: str = "posterior", calculate: bool = True) -> list[Draft]:
-    """The first round samples from `start` (posterior or prior); every later round repairs the last
-    round's failed traces from their first bad step, the answer clamped, and samples afresh (clamped)
-    only where there is nothing to repair (the last traces were duplicates or no step was located).
-    `calculate`: where the bad step is a false equation, its result is the calculator's and only what
-    follows it is written again (without it the model, shown its own operands, often repeats the slip)."""
+    """The first round samples from `start` (posterior or prior); every later round repairs failed
+    traces with the answer clamped, newest first: a trace is remasked from its first bad step, and when
+    that draft was already tried (the model, shown the same prefix, tends to write the same trace
+    again) from the step before, and so on back to the question: each prefix is drafted once. Where
+    nothing is left to repair, it samples afresh (clamped).
+    `calculate`: where the bad step is a false equation, its first draft keeps the step's operands and
+    writes the calculator's result, so only what follows is new."""
     if start not in ("posterior", "prior"):
         raise ValueError(f"repair: start must be 'posterior' or 'prior', got {start!r}")
     if state.round == 0:
         return [Draft(clamped=start == "posterior")] * state.wanted
-    repairable = [a for a in state.last_round() if not a.accepted and not a.duplicate and a.bad_step is not None]
-    drafts = [remask_from(a, calculate) for a in repairable[: state.wanted]]
+    tried = {a.prefix for a in state.history}
+    drafts: list[Draft] = []
+    for attempt in reversed(state.history):
+        if len(drafts) == state.wanted:
+            break
+        if attempt.accepted or attempt.duplicate or attempt.bad_step is None:
+            continue
+        draft = next((d for d in repairs(attempt, calculate) if d.prefix not in tried), None)
+        if draft is not None:
+            drafts.append(draft)
+            tried.add(draft.prefix)
     return drafts + [Draft(clamped=True)] * (state.wanted - len(drafts))
 
 
-def remask_from(attempt: Attempt, calculate: bool) -> Draft:
-    """Keep the attempt's tokens before its first bad step (and, calculating, the bad step's operands
-    with the true result); the rest is masked again."""
-    if calculate and attempt.calculated is not None:
-        return Draft(clamped=True, prefix=attempt.calculated, repaired_from_step=attempt.bad_step)
-    keep = attempt.step_starts[attempt.bad_step]
-    return Draft(clamped=True, prefix=attempt.reasoning_ids[:keep], repaired_from_step=attempt.bad_step)
+def repairs(attempt: Attempt, calculate: bool) -> list[Draft]:
+    """The attempt's repair drafts in the order to try them: the calculator's fix of the bad step,
+    then the attempt remasked from the bad step, then from each step before it."""
+    out = [Draft(True, attempt.calculated, attempt.bad_step)] if calculate and attempt.calculated is not None else []
+    return out + [Draft(True, attempt.reasoning_ids[: attempt.step_starts[k]], k) for k in range(attempt.bad_step, -1, -1)]
 
 
 def strategy_defaults(name: str) -> dict:
