@@ -117,6 +117,56 @@ def bench_yield(model: str, n: int, seed: int, min_steps: int, max_steps: int, b
     }
 
 
+# The default build before budgets: two posterior traces per problem in one round (k=2).
+FIXED_K_DEFAULT = {"strategy": "posterior", "strategy_params": {"rounds": 1}, "target": 2}
+
+
+def default_build_comparison(work: Path) -> dict:
+    """The default build (`BuildSpec()`) and the same build with the sampler it had before budgets,
+    one after the other in this process on the same problems: what the default spends and keeps."""
+    from factory.build.command import build
+    from factory.build.runner import run_in_process
+
+    adapter = ModelAdapter.load("embedded")
+    report = {}
+    for name, sampler in (("fixed_k2", FIXED_K_DEFAULT), ("default", {})):
+        spec = validate_spec({"sampler": sampler, "output": {"dir": str(work / name)}})
+        start = time.perf_counter()
+        m = build(spec, runner=lambda s, o, shards: run_in_process(s, o, shards, adapter), lock=False, log=lambda _: None)
+        spent = m["passes"]["sampling"] + m["passes"]["repair"]
+        report[name] = {
+            "sampler": {k: v for k, v in spec.sampler.model_dump().items() if k in ("strategy", "strategy_params", "target", "budget")},
+            "problems": m["problems"],
+            "sampled": m["traces_sampled"],
+            "accepted": m["accepted"],
+            "filtered": m["filtered"]["by_reason"],
+            "sampler_passes": spent,
+            "scoring_passes": m["passes"]["scoring"],
+            "passes_per_accepted": round(m["passes_per_accepted"], 3),
+            "duplicate_share": round(m["duplicate_share"], 4),
+            "unsolved": m["unsolved"],
+            "wall_s": round(time.perf_counter() - start, 1),
+        }
+    old, new = report["fixed_k2"], report["default"]
+    report["passes_per_accepted_ratio"] = round(new["passes_per_accepted"] / old["passes_per_accepted"], 3)
+    return report
+
+
+def default_markdown(report: dict) -> str:
+    rows = [{"sampler": name, **{k: v for k, v in r.items() if k != "sampler"}} for name, r in report.items() if isinstance(r, dict)]
+    cols = ["sampler", "problems", "sampled", "accepted", "sampler_passes", "passes_per_accepted", "duplicate_share", "unsolved"]
+    cols += ["scoring_passes", "wall_s", "filtered"]
+    return (
+        "## Yield of the default build\n\n"
+        "`factory bench yield --default-build`: the default build (`BuildSpec()`, "
+        f"`{report['default']['sampler']}`) and the same build with the sampler it had before budgets "
+        f"(`{report['fixed_k2']['sampler']}`: two posterior traces per problem), one after the other in one process on the same "
+        "48 problems. Passes are canvases through one forward (a sampler row's pass, a scorer's read).\n\n"
+        + markdown_table(rows, cols)
+        + f"\n\nSampler passes per accepted trace: {report['passes_per_accepted_ratio']}x the fixed-k default's.\n"
+    )
+
+
 def yield_markdown(reports: list[dict], plot_name: str | None) -> str:
     parts = [
         "## Yield per pass\n\n"
@@ -181,9 +231,19 @@ def cli_yield(argv: list[str]) -> None:
     ap.add_argument("--only", nargs="*", help="run only these strategies (the prior baseline is always run)")
     ap.add_argument("--dtype", choices=DTYPES, default="float32")
     ap.add_argument("--also", type=Path, nargs="*", default=[], help="earlier reports (JSON) to put in the same docs section")
+    ap.add_argument("--default-build", action="store_true", help="only the default build against the fixed-k sampler it replaced")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--docs", type=Path, help="write the docs section `bench:yield` (and its plot) to this page")
     args = ap.parse_args(argv)
+    if args.default_build:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            report = default_build_comparison(Path(work))
+        emit(report, args.json)
+        if args.docs:
+            write_section("yield-default", default_markdown(report), args.docs)
+        return
     only = set(args.only) | {BASELINE} if args.only else None
     report = bench_yield(args.model, args.n, args.seed, args.min_steps, args.max_steps, tuple(sorted(args.budget)), args.dtype, only)
     emit(report, args.json)
