@@ -48,7 +48,7 @@ def scale_spec(size: int, model: Path, out: str, shard_size: int, actors: int) -
     return {
         "source": {"kind": "synthetic", "n": size, "seed": 1},
         "model": {"id": str(model)},
-        "sampler": {**FAST_RULE, "target": 1},
+        "sampler": {**FAST_RULE, "strategy": "posterior", "strategy_params": {"rounds": 1}},  # one trace per problem
         "output": {"dir": out, "shard_size": shard_size},
         "resources": {"num_actors": actors},
     }
@@ -121,6 +121,86 @@ def measure_one(size: int, work: Path, shard_size: int, actors: int, uri: bool) 
     }
 
 
+PLAN_SIZES = (1_000, 1_000_000)
+
+
+def plan_source(size: int, work: Path) -> Path:
+    """A local JSONL source of `size` synthetic problems, written once (outside any measured process)."""
+    from factory.synthetic import problems as synthetic
+
+    path = work / f"source-{size}.jsonl"
+    if not path.exists():
+        with path.open("w") as file:
+            for p in synthetic.generate(size, 1, synthetic.SyntheticConfig(2, 6)):
+                file.write(json.dumps({"question": p.question, "answer": str(p.answer)}) + "\n")
+    return path
+
+
+def measure_plan(size: int, work: Path, shard_size: int) -> dict:
+    """`factory build --dry-run`, then the plan phase of a build, over a local source of `size` rows, in
+    this fresh process: its peak RSS after each."""
+    from factory.build.command import dry_run
+    from factory.build.output import BuildDir
+    from factory.build.sources import iter_problems
+    from factory.build.spec import validate_spec
+    from factory.build.stages import driver_template
+
+    out = work / f"plan-{size}"
+    shutil.rmtree(out, ignore_errors=True)
+    spec = validate_spec(
+        {"source": {"kind": "local", "path": str(plan_source(size, work))}, "output": {"dir": str(out), "shard_size": shard_size}}
+    )
+    t0 = time.perf_counter()
+    dry_run(spec)
+    dry_rss, dry_s = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    build_dir = BuildDir(out)
+    build_dir.claim(spec)
+    shards, added = build_dir.plan(iter_problems(spec.source, driver_template(spec), spec.limit), shard_size)
+    return {
+        "rows": size,
+        "problems": added,
+        "shards": len(shards),
+        "dry_run_peak_rss_mb": round(dry_rss, 1),
+        "dry_run_s": round(dry_s, 1),
+        "plan_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "plan_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def bench_plan(sizes: list[int], work: Path, shard_size: int) -> dict:
+    runs = []
+    for size in sizes:
+        plan_source(size, work)
+        command = [sys.executable, "-m", "factory.lab.scale", "--plan-one", str(size), "--work", str(work), "--shard-size", str(shard_size)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the {size}-row plan failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, last = runs[0], runs[-1]
+    return {
+        "shard_size": shard_size,
+        "runs": runs,
+        "ratios": {
+            f"{key} {last['rows']}/{first['rows']}": round(last[key] / first[key], 3) for key in ("dry_run_peak_rss_mb", "plan_peak_rss_mb")
+        },
+    }
+
+
+def plan_markdown(report: dict) -> str:
+    sizes = " ".join(str(r["rows"]) for r in report["runs"])
+    ratios = ", ".join(f"{k}: {v}" for k, v in report["ratios"].items())
+    columns = ["rows", "problems", "shards", "dry_run_peak_rss_mb", "dry_run_s", "plan_peak_rss_mb", "plan_s"]
+    return (
+        "## Planning a large source (scale-plan)\n\n"
+        f"`factory bench scale --plan --sizes {sizes} --shard-size {report['shard_size']}`: `factory build --dry-run`, then a "
+        "build's plan phase (read, check, dedupe, write the shard plans), over a local JSONL source of synthetic problems, "
+        "each size in a fresh process. The driver keeps only the problem ids it has seen. Target: the peak RSS at the "
+        "largest size within 1.5x of the smallest.\n\n"
+        f"{markdown_table(report['runs'], columns)}\n\nRatios (largest/smallest, one run): {ratios}.\n"
+    )
+
+
 def bench_scale(sizes: list[int], work: Path, shard_size: int, actors: int, uri: bool) -> dict:
     """Each size in its own driver process, the sizes one after another."""
     runs = []
@@ -179,9 +259,23 @@ def cli_scale(argv: list[str]) -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/scale"), help="where the builds and the tiny model go (default runs/scale)")
     ap.add_argument("--section", default="scale", help="the docs section to write (default scale)")
     ap.add_argument("--json", type=Path, help="write the report here too")
+    ap.add_argument("--plan", action="store_true", help="only the dry run and the plan phase, of local sources (default sizes 1k, 1M)")
+    ap.add_argument("--docs", type=Path, help="write the docs section to this page")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, in this fresh process
+    ap.add_argument("--plan-one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.plan_one:
+        print(json.dumps(measure_plan(args.plan_one, work, args.shard_size)))
+        return
+    if args.plan:
+        sizes = args.sizes if args.sizes != list(SIZES) else list(PLAN_SIZES)
+        report = bench_plan(sizes, work, args.shard_size)
+        emit(report, args.json)
+        if args.docs:
+            write_section("scale-plan", plan_markdown(report), args.docs)
+        return
     if args.one:
         print(json.dumps(measure_one(args.one, work, args.shard_size, args.actors, args.uri)))
         return
