@@ -180,3 +180,13 @@ def test_gsm8k_like_questions_follow_gsm8ks_word_counts():
     words = sorted(len(q.split()) for q in gsm8k_like_questions(400, seed=1))
     assert GSM8K_WORDS["min"] <= words[0] and words[-1] <= GSM8K_WORDS["max"]
     assert abs(words[200] - GSM8K_WORDS["median"]) <= 5 and abs(words[380] - GSM8K_WORDS["p95"]) <= 10
+
+
+def test_a_bench_run_in_a_users_directory_writes_only_what_it_was_asked_to(tmp_path, monkeypatch):
+    from factory.lab import padding
+
+    monkeypatch.chdir(tmp_path)
+    padding.cli_padding(["--n", "8", "--batch-size", "4", "--json", "report.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no docs/ appears beside it
+    padding.cli_padding(["--n", "8", "--batch-size", "4", "--docs", "page.md"])
+    assert "<!-- bench:padding -->" in (tmp_path / "page.md").read_text()

@@ -16,7 +16,7 @@ from factory.build.spec import SamplerSpec
 from factory.core.sampler import CanvasSampler, Request, SamplerConfig, SampleResult, seed_for
 from factory.core.template import ReasoningTemplate
 from factory.lab import scoring
-from factory.lab.report import DOCS, emit, markdown_table, write_section
+from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
 from factory.models.adapter import DTYPES, ModelAdapter
 from factory.synthetic import problems as synthetic
 
@@ -302,7 +302,7 @@ def cli_precision(argv: list[str]) -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed forward passes per precision")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--docs", type=Path, default=DOCS)
+    ap.add_argument("--docs", type=Path, help=DOCS_HELP)
     args = ap.parse_args(argv)
     problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(args.min_steps, args.max_steps))
     scoring_problems = synthetic.generate(args.scoring_n, 2026, synthetic.SyntheticConfig(2, 5))
@@ -321,4 +321,5 @@ def cli_precision(argv: list[str]) -> None:
     )
     emit(report, args.json)
     command = " ".join(["factory bench precision", *argv]).replace(f" --json {args.json}", "").replace(f" --docs {args.docs}", "")
-    write_section("precision", precision_markdown(report, command), args.docs)
+    if args.docs:
+        write_section("precision", precision_markdown(report, command), args.docs)

@@ -32,7 +32,7 @@ from factory.build.spec import validate_spec
 from factory.core.sampler import CanvasSampler, SamplerConfig
 from factory.core.template import ReasoningTemplate
 from factory.lab.evaluate import evaluate
-from factory.lab.report import DOCS, emit, markdown_table, write_section
+from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
 from factory.models.adapter import ModelAdapter, load_tokenizer
 from factory.synthetic import problems as synthetic
 from factory.train import finetune as ft
@@ -353,7 +353,7 @@ def cli_bench_finetune(argv: list[str]) -> None:
     ap.add_argument("--warmup", type=int, default=defaults.warmup)
     ap.add_argument("--mix", nargs="+", metavar="NAME=WEIGHT", help=f"layouts of the trace arms (default {ft.DEFAULT_MIX})")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--docs", type=Path, default=DOCS)
+    ap.add_argument("--docs", type=Path, help=DOCS_HELP)
     ap.add_argument("--section", default="finetune", help="the docs section this run writes (another name keeps the main table)")
     args = ap.parse_args(argv)
     base = args.base or history_checkpoint(BASE_COMMIT, args.work / "base")
@@ -366,6 +366,7 @@ def cli_bench_finetune(argv: list[str]) -> None:
         args.work, base, args.pool, args.n, args.seed, tuple(args.arms), config, args.k, not args.no_second_round, args.check_rule
     )
     emit(report, args.json)
-    image = args.docs.parent / f"{args.section}_arms.png"
-    plot(report, image)
-    write_section(args.section, finetune_markdown(report, image.name, args.section), args.docs)
+    if args.docs:
+        image = args.docs.parent / f"{args.section}_arms.png"
+        plot(report, image)
+        write_section(args.section, finetune_markdown(report, image.name, args.section), args.docs)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from factory.core.sampler import CanvasSampler, SamplerConfig
 from factory.core.template import ReasoningTemplate, TemplateConfig
-from factory.lab.report import DOCS, emit, markdown_table, write_section
+from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
 from factory.models.adapter import ModelAdapter
 from factory.synthetic import problems as synthetic
 
@@ -74,8 +74,9 @@ def cli_padding(argv: list[str]) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--docs", type=Path, default=DOCS)
+    ap.add_argument("--docs", type=Path, help=DOCS_HELP)
     args = ap.parse_args(argv)
     report = bench_padding(args.model, args.n, args.seed, args.batch_size)
     emit(report, args.json)
-    write_section("padding", padding_markdown(report), args.docs)
+    if args.docs:
+        write_section("padding", padding_markdown(report), args.docs)

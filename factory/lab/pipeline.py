@@ -16,7 +16,7 @@ from factory.build.runner import connect_ray
 from factory.build.sources import SourceError, load_problems
 from factory.build.spec import BuildSpec
 from factory.build.stages import TraceMaker, driver_template, process_shard
-from factory.lab.report import emit, markdown_table, write_section
+from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
 from schemas.records import ShardPlan, ShardSummary
 
 
@@ -28,6 +28,7 @@ def cli_pipeline(argv: list[str]) -> None:
     ap.add_argument("--problems", type=int, default=384, help="problems to run; a synthetic source generates this many (default 384)")
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--json", type=Path, help="write the report here too")
+    ap.add_argument("--docs", type=Path, help=DOCS_HELP)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="factory-bench-") as tmp:
         args.output, args.limit = tmp, args.problems
@@ -39,7 +40,8 @@ def cli_pipeline(argv: list[str]) -> None:
         except (BuildError, SourceError) as err:
             sys.exit(f"factory bench pipeline: {err}")
     emit(report, args.json)
-    write_section("pipeline", pipeline_markdown(report))
+    if args.docs:
+        write_section("pipeline", pipeline_markdown(report), args.docs)
 
 
 RATIO_RUNS, RATIO_BASES = ("pipeline", "pipeline_steady"), ("in_process", "in_process_sampler_only")

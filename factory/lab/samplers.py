@@ -8,7 +8,7 @@ from pathlib import Path
 
 from factory.core.sampler import CanvasSampler, SamplerConfig
 from factory.lab.evaluate import accuracy_report
-from factory.lab.report import DOCS, emit, load, markdown_table, scatter_plot, write_section
+from factory.lab.report import DOCS_HELP, emit, load, markdown_table, scatter_plot, write_section
 from factory.models.adapter import DTYPES
 from factory.synthetic import problems as synthetic
 
@@ -107,7 +107,7 @@ def cli_samplers(argv: list[str]) -> None:
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's weights (auto: bfloat16 where it runs fast)")
     ap.add_argument("--section", default="samplers", help="the docs section (and plot name) to write (default samplers)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--docs", type=Path, default=DOCS)
+    ap.add_argument("--docs", type=Path, help=DOCS_HELP)
     args = ap.parse_args(argv)
     adapter, template = load(args.model, args.dtype)
     problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(2, 4))
@@ -124,6 +124,8 @@ def cli_samplers(argv: list[str]) -> None:
         "batching": batching,
     }
     emit(report, args.json)
+    if not args.docs:
+        return
     plot = args.docs.parent / f"{args.section}_pareto.png"
     scatter_plot(
         plot, {k: (v["mean_nfe"], v["accuracy"]) for k, v in rules.items()}, "mean forward passes (NFE)", "accuracy", "accuracy vs NFE"

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from factory.lab.report import emit, markdown_table, write_section
+from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
 from schemas.records import ShardSummary
 
 SIZES = (1_000, 10_000, 100_000)
@@ -260,7 +260,7 @@ def cli_scale(argv: list[str]) -> None:
     ap.add_argument("--section", default="scale", help="the docs section to write (default scale)")
     ap.add_argument("--json", type=Path, help="write the report here too")
     ap.add_argument("--plan", action="store_true", help="only the dry run and the plan phase, of local sources (default sizes 1k, 1M)")
-    ap.add_argument("--docs", type=Path, help="write the docs section to this page")
+    ap.add_argument("--docs", type=Path, help=DOCS_HELP)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, in this fresh process
     ap.add_argument("--plan-one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -284,7 +284,8 @@ def cli_scale(argv: list[str]) -> None:
         shutil.rmtree(work / f"out-{size}", ignore_errors=True)
     report = bench_scale(args.sizes, work, args.shard_size, args.actors, args.uri)
     emit(report, args.json)
-    write_section(args.section, scale_markdown(report, args.section))
+    if args.docs:
+        write_section(args.section, scale_markdown(report, args.section), args.docs)
 
 
 if __name__ == "__main__":

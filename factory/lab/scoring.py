@@ -13,7 +13,7 @@ from factory.core.checks import step_labels
 from factory.core.sampler import CanvasSampler, Request, SamplerConfig, seed_for
 from factory.core.scoring import ANSWER_CONSISTENCY_SOURCE, LABEL_SOURCES, StepScorer, Trace, equals_offset, share_canvases
 from factory.core.template import ReasoningTemplate, TemplateError
-from factory.lab.report import DOCS, auroc, emit, markdown_table, scatter_plot, write_section
+from factory.lab.report import DOCS_HELP, auroc, emit, markdown_table, scatter_plot, write_section
 from factory.models.adapter import DTYPES, ModelAdapter
 from factory.synthetic import problems as synthetic
 
@@ -395,7 +395,7 @@ def cli_scoring(argv: list[str]) -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's weights (auto: bfloat16 where it runs fast)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--docs", type=Path, default=DOCS)
+    ap.add_argument("--docs", type=Path, help=DOCS_HELP)
     args = ap.parse_args(argv)
     adapter = ModelAdapter.load(args.model, dtype=args.dtype)
     template = ReasoningTemplate(adapter.tokenizer)
@@ -408,6 +408,8 @@ def cli_scoring(argv: list[str]) -> None:
         **bench_scoring(adapter, template, problems, args.seed, args.rollouts, args.own_k, answer_consistency=args.answer_consistency),
     }
     emit(report, args.json)
+    if not args.docs:
+        return
     methods = report["methods"]
     plot = args.docs.parent / "scoring_auroc.png"
     scatter_plot(

@@ -23,7 +23,7 @@ from factory.build.stages import TraceMaker
 from factory.core.checks import ungrounded_operand
 from factory.core.sampler import CanvasSampler
 from factory.core.template import ReasoningTemplate
-from factory.lab.report import emit, markdown_table, write_section
+from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
 from factory.models.adapter import DTYPES, ModelAdapter
 from factory.synthetic import problems as synthetic
 
@@ -233,7 +233,7 @@ def cli_yield(argv: list[str]) -> None:
     ap.add_argument("--also", type=Path, nargs="*", default=[], help="earlier reports (JSON) to put in the same docs section")
     ap.add_argument("--default-build", action="store_true", help="only the default build against the fixed-k sampler it replaced")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--docs", type=Path, help="write the docs section `bench:yield` (and its plot) to this page")
+    ap.add_argument("--docs", type=Path, help=DOCS_HELP)
     args = ap.parse_args(argv)
     if args.default_build:
         import tempfile
