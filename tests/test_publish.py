@@ -786,3 +786,62 @@ def test_a_scheduled_run_killed_after_the_tag_and_before_its_marker_publishes_no
     assert [c.oid for c in hub.history()] == commits  # no second commit, and the tag stays where it was
     assert rerun["fingerprint"] in json.loads(scheduled_build.published_marker(out).read_text()).values()
     assert scheduled_build.scheduled_run(str(spec), out, REPO)["published"] is False  # and the marker now says so
+
+
+# ---- network faults (#28): retried where safe, then one line ------------------------------------
+
+
+def test_rate_limits_and_server_errors_are_retried_and_the_build_lands_once(hub, build_a, monkeypatch):
+    from factory.publish import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "BACKOFF_S", (0.0, 0.0, 0.0))
+    for route, status in (("api:revision", 429), ("api:commit", 503), ("api:tag", 502)):
+
+        def fail(status=status):
+            raise HubError(status, "try again later")
+
+        hub.hooks[route] = fail
+    result = publish(build_a, REPO)
+    assert [c.title for c in hub.history()][1:] == ["Publish build aaaaaaaaaaaa: 9 traces accepted of 12 problems"]
+    assert hub.repos[f"datasets/{REPO}"].tags["build-aaaaaaaaaaaa"] == result["commit"] and not hub.hooks
+
+
+def test_a_server_that_keeps_failing_is_one_line_naming_the_step(hub, build_a, monkeypatch, capsys):
+    from factory.publish import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "BACKOFF_S", (0.0, 0.0, 0.0))
+    original = hub.route
+
+    def always_503(method, segments):
+        route = original(method, segments)
+        if route[0] == "api:create":
+            raise HubError(503, "Service Unavailable")
+        return route
+
+    monkeypatch.setattr(hub, "route", always_503)
+    with pytest.raises(SystemExit) as exit_:
+        cli_publish([str(build_a), "--repo-id", REPO])
+    message = str(exit_.value.code)
+    assert message.startswith(f"factory publish: creating {REPO} failed: ") and "503" in message and "\n" not in message
+    assert sum(r.path == "/api/repos/create" for r in hub.requests) == 4  # the first try and three retries
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:{port}", "http://no-such-host.invalid"])
+def test_no_route_to_the_hub_is_one_line_naming_the_endpoint(hub, build_a, monkeypatch, endpoint):
+    import socket as socket_module
+
+    from factory.publish import hub as hub_module
+
+    with socket_module.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = endpoint.format(port=port)
+    monkeypatch.setattr(hub_module, "BACKOFF_S", (0.0, 0.0, 0.0))
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    for args in ([], ["--dry-run"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_publish([str(build_a), "--repo-id", REPO, *args])
+        message = str(exit_.value.code)
+        assert message.startswith(f"factory publish: cannot reach the Hub at {url} while ") and "(4 tries)" in message
+        assert "\n" not in message and "Traceback" not in message

@@ -16,8 +16,8 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
@@ -145,7 +145,8 @@ class Remote:
 def read_remote(api: HfApi, repo_id: str, branch: str) -> Remote:
     """The branch head and, at exactly that commit, its files: listing by commit id, not by branch name, keeps
     the plan consistent even if the branch moves while it is read (the commit then fails on parent_commit)."""
-    with hub_step(f"reading {repo_id}"):
+
+    def read() -> Remote:
         try:
             info = api.repo_info(repo_id, repo_type=REPO_TYPE, revision=branch)
             head = base = info.sha
@@ -157,7 +158,9 @@ def read_remote(api: HfApi, repo_id: str, branch: str) -> Remote:
         tree = api.list_repo_tree(repo_id, recursive=True, revision=base, repo_type=REPO_TYPE)
         files = {entry.path: entry for entry in tree if isinstance(entry, RepoFile)}
         tags = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id, repo_type=REPO_TYPE).tags}
-    return Remote(exists=True, head=head, files=files, tags=tags, private=info.private)
+        return Remote(exists=True, head=head, files=files, tags=tags, private=info.private)
+
+    return hub_call(api, f"reading {repo_id}", read)
 
 
 def same_content(local: Path, remote: RepoFile | None) -> bool:
@@ -254,13 +257,45 @@ def describe(plan: PublishPlan, build: FinishedBuild, private: bool) -> list[str
 # ---- publishing --------------------------------------------------------------------------------
 
 
-@contextmanager
-def hub_step(what: str) -> Iterator[None]:
-    """A Hub error as a one-line PublishError naming the step that failed; the server's words are kept."""
-    try:
-        yield
-    except HfHubHTTPError as err:
-        raise PublishError(f"{what} failed: {' '.join(str(err).split())}") from None
+# Answers worth another try, and the waits between tries: a rate limit or a server having a bad
+# moment. Every call retried is safe to repeat: reads, creates with exist_ok, a tag (an existing one at
+# this commit counts as made), and the commit, which names its parent, so a repeat can never commit twice.
+TRANSIENT = {429, 500, 502, 503, 504}
+BACKOFF_S = (1.0, 4.0, 16.0)
+
+
+def network_error(err: BaseException) -> bool:
+    """No route, a DNS failure, a refused or dropped connection, a timeout: whichever HTTP library the
+    Hub client runs on (httpx's TransportError, requests' ConnectionError and Timeout, the OS's own)."""
+    names = {c.__name__ for c in type(err).__mro__}
+    return isinstance(err, OSError) or bool(names & {"TransportError", "ConnectionError", "Timeout", "TimeoutException"})
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def hub_call(api: HfApi, what: str, call: Callable):
+    """`call()`, tried again after BACKOFF_S on a transient answer or a network error; then a Hub error
+    is one PublishError naming the step, and a network error one naming the endpoint."""
+    for wait in (*BACKOFF_S, None):
+        try:
+            return call()
+        except HfHubHTTPError as err:
+            status = err.response.status_code if err.response is not None else None
+            if status in TRANSIENT and wait is not None:
+                time.sleep(wait)
+                continue
+            raise PublishError(f"{what} failed: {one_line(err)}") from None
+        except Exception as err:
+            if not network_error(err):
+                raise
+            if wait is not None:
+                time.sleep(wait)
+                continue
+            raise PublishError(
+                f"cannot reach the Hub at {api.endpoint} while {what} ({len(BACKOFF_S) + 1} tries): {type(err).__name__}: {one_line(err)}"
+            ) from None
 
 
 def commit(api: HfApi, build: FinishedBuild, plan: PublishPlan) -> tuple[str, str]:
@@ -280,26 +315,31 @@ def commit(api: HfApi, build: FinishedBuild, plan: PublishPlan) -> tuple[str, st
             f"{len(plan.additions)} file(s) added or updated, {len(plan.deletions)} data file(s) of an earlier build deleted",
         ]
     )
-    try:
-        info = api.create_commit(
-            plan.repo_id,
-            operations=operations,
-            commit_message=summary,
-            commit_description=description,
-            repo_type=REPO_TYPE,
-            revision=plan.branch,
-            parent_commit=plan.parent_commit,
-        )
-    except HfHubHTTPError as err:
-        if err.response is not None and err.response.status_code == 412:
-            read_at = (plan.parent_commit or "its creation")[:12]
-            raise PublishError(
-                f"the branch {plan.branch} of {plan.repo_id} moved since this publish read it at {read_at} "
-                "(someone else committed); nothing was committed; rerun publish"
-            ) from None
-        raise PublishError(f"committing to {plan.repo_id}@{plan.branch} failed: {' '.join(str(err).split())}") from None
-    except ValueError as err:  # the client's own checks, e.g. invalid card metadata
-        raise PublishError(f"committing to {plan.repo_id}@{plan.branch} failed: {' '.join(str(err).split())}") from None
+    where = f"committing to {plan.repo_id}@{plan.branch}"
+
+    def create():
+        try:
+            return api.create_commit(
+                plan.repo_id,
+                operations=operations,
+                commit_message=summary,
+                commit_description=description,
+                repo_type=REPO_TYPE,
+                revision=plan.branch,
+                parent_commit=plan.parent_commit,
+            )
+        except HfHubHTTPError as err:
+            if err.response is not None and err.response.status_code == 412:
+                read_at = (plan.parent_commit or "its creation")[:12]
+                raise PublishError(
+                    f"the branch {plan.branch} of {plan.repo_id} moved since this publish read it at {read_at} "
+                    "(someone else committed, or a retried commit of this publish landed); rerun publish"
+                ) from None
+            raise
+        except ValueError as err:  # the client's own checks, e.g. invalid card metadata
+            raise PublishError(f"{where} failed: {one_line(err)}") from None
+
+    info = hub_call(api, where, create)
     return info.oid, info.commit_url
 
 
@@ -329,11 +369,13 @@ def publish(
     api = api or HfApi(endpoint=os.environ.get("HF_ENDPOINT"))
     if dry_run:
         return dry_run_publish(build, api, repo_id, private, revision, tag, log)
-    with hub_step(f"creating {repo_id}"):
-        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private or None, exist_ok=True)
+    hub_call(api, f"creating {repo_id}", lambda: api.create_repo(repo_id, repo_type=REPO_TYPE, private=private or None, exist_ok=True))
     if revision and revision != DEFAULT_BRANCH:
-        with hub_step(f"creating branch {revision} of {repo_id}"):
-            api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
+        hub_call(
+            api,
+            f"creating branch {revision} of {repo_id}",
+            lambda: api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True),
+        )
     plan = plan_publish(build.root, api, repo_id, revision, tag=tag)
     if private and plan.repo_private is False:
         log(f"warning: {repo_id} already exists and is public; --private does not change an existing repo")
@@ -347,8 +389,16 @@ def publish(
         log(f"{repo_id}@{plan.branch} already holds these files; tagging its head")
         oid, url = plan.parent_commit, commit_url(api, repo_id, plan.parent_commit)
     step = f"the commit {oid[:12]} succeeded but tagging it {plan.tag}" if action == "commit" else f"tagging {oid[:12]} as {plan.tag}"
-    with hub_step(step):
-        api.create_tag(repo_id, tag=plan.tag, revision=oid, repo_type=REPO_TYPE, tag_message=f"factory build {build.fingerprint}")
+
+    def tag_it() -> None:
+        try:
+            api.create_tag(repo_id, tag=plan.tag, revision=oid, repo_type=REPO_TYPE, tag_message=f"factory build {build.fingerprint}")
+        except HfHubHTTPError as err:  # a retry after a lost answer: the tag is there, at this commit
+            tags = api.list_repo_refs(repo_id, repo_type=REPO_TYPE).tags
+            if not any(ref.name == plan.tag and ref.target_commit == oid for ref in tags):
+                raise err from None
+
+    hub_call(api, step, tag_it)
     log(f"published {repo_id}@{plan.branch}: commit {oid} ({url}), tag {plan.tag}")
     return result(plan, action, oid, url)
 
