@@ -130,3 +130,26 @@ def test_the_cluster_matches_deploy_rayjob(cron):
         return {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
 
     assert claims(cluster) == claims(rayjob)
+
+
+def test_the_dockerfile_builds_the_image_the_manifests_run():
+    """The image is Ray's at the manifests' rayVersion, with the package installed as the README does,
+    in the manifests' working directory, tagged with the package version; both manifests name that tag."""
+    import re
+    import tomllib
+
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    version = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["version"]
+    base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)-gpu$", dockerfile, re.M)
+    name = re.search(r'^LABEL org\.opencontainers\.image\.ref\.name="(\S+)"$', dockerfile, re.M)[1]
+    assert name.endswith(f":{version}") and f"docker build -t {name} ." in dockerfile
+    assert re.search(r"^RUN pip install --no-cache-dir -e \.", dockerfile, re.M) and re.search(r"^WORKDIR /app$", dockerfile, re.M)
+    requires = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.11" and (int(base[2]), int(base[3])) >= (3, 11)
+    for manifest in ("rayjob.yaml", "raycronjob.yaml"):
+        doc = yaml.safe_load((DEPLOY / manifest).read_text())
+        cluster = doc["spec"]["rayClusterSpec"] if "rayClusterSpec" in doc["spec"] else doc["spec"]["jobTemplate"]["rayClusterSpec"]
+        assert cluster["rayVersion"] == base[1]
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        containers = [c for group in groups for c in group["template"]["spec"]["containers"]]
+        assert {c["image"] for c in containers} == {name} and {c.get("workingDir") for c in containers} == {"/app"}
