@@ -35,9 +35,9 @@ from factory.core.strategies import Draft
 from factory.lab.pipeline import bench_pipeline
 from factory.models import adapter as model_adapter
 from factory.models.embedded import EMBEDDED_MODEL_DIR
+from factory.schemas.arrow import arrow_schema, from_table, to_table
+from factory.schemas.records import Problem, SFTRow, ShardPlan, TraceRow
 from factory.synthetic import problems as synthetic
-from schemas.arrow import arrow_schema, from_table, to_table
-from schemas.records import Problem, SFTRow, ShardPlan, TraceRow
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -491,7 +491,7 @@ def test_the_code_version_changes_with_any_source_that_builds_rows(tmp_path, mon
         (tmp_path / room).mkdir(parents=True, exist_ok=True)
         (tmp_path / room / "report.py").write_text("TITLE = 'new prose'\n")
     assert provenance.code_version.__wrapped__() == before
-    (tmp_path / "schemas" / "rules.py").write_text("LAMBDA = 0.2\n")
+    (tmp_path / "factory/schemas" / "rules.py").write_text("LAMBDA = 0.2\n")
     assert before.startswith(factory.__version__ + "+") and provenance.code_version.__wrapped__() != before
 
 

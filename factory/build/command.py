@@ -20,7 +20,7 @@ from factory.build.sources import SourceError, iter_problems
 from factory.build.spec import BuildSpec, SpecError, load_spec
 from factory.build.stages import driver_template
 from factory.models.adapter import ModelNotFound, model_revision
-from schemas.records import Rejected, ShardResult, ShardSummary
+from factory.schemas.records import Rejected, ShardResult, ShardSummary
 
 Log = Callable[[str], None]
 

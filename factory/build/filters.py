@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from factory.build.spec import FilterSpec
 from factory.core.checks import false_equation, final_number, ungrounded_operand
-from schemas.records import TraceRow
+from factory.schemas.records import TraceRow
 
 FILTERS: dict[str, Callable[[TraceRow, FilterSpec], bool]] = {}
 

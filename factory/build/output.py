@@ -38,8 +38,8 @@ from factory.build.storage import Storage
 from factory.core.scoring import LABEL_SOURCES
 from factory.core.strategies import STRATEGIES
 from factory.models.adapter import model_revision
-from schemas.arrow import to_table
-from schemas.records import ChatMessage, PRMRow, Problem, Rejected, SFTRow, ShardPlan, ShardResult, ShardSummary, TraceRow, Unsolved
+from factory.schemas.arrow import to_table
+from factory.schemas.records import ChatMessage, PRMRow, Problem, Rejected, SFTRow, ShardPlan, ShardResult, ShardSummary, TraceRow, Unsolved
 
 CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRow, "unsolved": Unsolved, "rejected": Rejected}
 SHARD_CONFIGS = ("traces", "filtered", "sft", "prm", "unsolved")  # a file per shard; `rejected` is one file for the build

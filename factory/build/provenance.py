@@ -13,7 +13,7 @@ import factory
 
 ROOT = Path(__file__).resolve().parents[2]
 # The packages whose code decides a row's content; factory/lab, factory/train and factory/publish do not.
-SOURCE_PACKAGES = ("schemas", "factory/core", "factory/models", "factory/synthetic", "factory/build")
+SOURCE_PACKAGES = ("factory/schemas", "factory/core", "factory/models", "factory/synthetic", "factory/build")
 
 
 @cache

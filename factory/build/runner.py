@@ -13,7 +13,7 @@ import torch
 from factory.build.output import BuildDir
 from factory.build.spec import BuildSpec, ResourceSpec
 from factory.build.stages import TraceMaker, process_shard
-from schemas.records import ShardPlan, ShardResult, ShardSummary
+from factory.schemas.records import ShardPlan, ShardResult, ShardSummary
 
 ACTOR_POOL_START_TIMEOUT_S = 1200
 

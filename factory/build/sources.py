@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from factory.build.spec import Columns, HFSource, LocalSource, SourceSpec, SyntheticSource
 from factory.core.numbers import canonical_answer
 from factory.core.template import ReasoningTemplate, TemplateError
+from factory.schemas.records import Problem, Rejected
 from factory.synthetic import problems as synthetic
-from schemas.records import Problem, Rejected
 
 GSM8K_ANSWER_MARK = "####"
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")

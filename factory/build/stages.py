@@ -25,7 +25,7 @@ from factory.core.strategies import Attempt, Attempts, Draft, first_bad_step, ma
 from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
 from factory.models.adapter import load_tokenizer as load_model_tokenizer
-from schemas.records import Problem, Rejected, ShardPlan, ShardResult, TraceRow, Unsolved, WorkerInfo
+from factory.schemas.records import Problem, Rejected, ShardPlan, ShardResult, TraceRow, Unsolved, WorkerInfo
 
 # ---- identities and seeds ------------------------------------------------------------------
 

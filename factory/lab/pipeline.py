@@ -17,7 +17,7 @@ from factory.build.sources import SourceError, load_problems
 from factory.build.spec import BuildSpec
 from factory.build.stages import TraceMaker, driver_template, process_shard
 from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
-from schemas.records import ShardPlan, ShardSummary
+from factory.schemas.records import ShardPlan, ShardSummary
 
 
 def cli_pipeline(argv: list[str]) -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
-from schemas.records import ShardSummary
+from factory.schemas.records import ShardSummary
 
 SIZES = (1_000, 10_000, 100_000)
 FAST_RULE = {"rule": "llada", "rule_params": {"steps": 4}}  # four passes fill any canvas

@@ -13,7 +13,7 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 
-from schemas.records import Problem
+from factory.schemas.records import Problem
 
 SOURCE_NAME = "synthetic"
 
