@@ -112,3 +112,26 @@ def test_storage_writes_atomically_on_a_path_or_a_uri(tmp_path, uri):
     assert storage.list("a", "*.parquet") == ["empty.parquet", "t.parquet"]  # never taken for a finished file
     storage.remove_temporaries()
     assert sorted(p.name for p in (root / "a").iterdir()) == ["b.json", "empty.parquet", "t.parquet"]
+
+
+def test_rejected_rows_stream_to_their_chunks_and_are_never_held_whole(tmp_path, monkeypatch):
+    from factory.build import output
+    from factory.build.output import BuildDir, RejectedRows
+    from factory.build.storage import Storage
+    from factory.schemas.records import Rejected
+
+    monkeypatch.setattr(output, "REJECTED_CHUNK", 3)
+    storage = Storage(tmp_path / "out")
+    rows = [Rejected(source="s", row=i, raw="{}", reason="invalid_row" if i % 2 else "missing_answer", detail="") for i in range(8)]
+    sink = RejectedRows()
+    sink.append(rows[0])  # found before the directory is claimed: held until it is
+    storage.write_text("_build/rejected/000009.jsonl", "a chunk of an earlier run's read of the source\n")
+    sink.attach(storage)
+    for row in rows[1:]:
+        sink.append(row)
+        assert len(sink.pending) < 3  # flushed a chunk at a time
+    assert storage.list("_build/rejected") == ["000000.jsonl", "000001.jsonl", "000002.jsonl"] and len(sink.pending) == 1
+    assert list(sink) == rows and len(sink) == 8 and sink.by_reason == {"invalid_row": 4, "missing_answer": 4}
+    name = BuildDir(tmp_path / "out").write_rejected(sink)
+    assert name == output.data_file("rejected", 0, rows)  # named by its rows' digest, as every data file
+    assert [Rejected.model_validate(r) for r in pq.read_table(tmp_path / "out" / name).to_pylist()] == rows

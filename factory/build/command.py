@@ -9,18 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import chain
 
 from factory.build.lock import LockHeld, output_lock
-from factory.build.output import BuildDir, BuildError
+from factory.build.output import BuildDir, BuildError, RejectedRows
 from factory.build.runner import run_ray_build
 from factory.build.sources import SourceError, iter_problems
 from factory.build.spec import BuildSpec, SpecError, load_spec
 from factory.build.stages import driver_template
 from factory.models.adapter import ModelNotFound, model_revision
-from factory.schemas.records import Rejected, ShardResult, ShardSummary
+from factory.schemas.records import ShardResult, ShardSummary
 
 Log = Callable[[str], None]
 
@@ -77,14 +76,15 @@ def run_build(
     spec: BuildSpec, address: str | None, log: Log, on_shard: Callable[[ShardSummary], None] | None, runner: Runner | None
 ) -> dict:
     check_model(spec)
-    rejected: list[Rejected] = []
+    rejected = RejectedRows()  # streamed to the build's directory once it is claimed
     problems = iter_problems(spec.source, driver_template(spec), spec.limit, rejected)
     first = next(problems, None)  # the source's first rows are read and checked before the output is claimed
     if first is None:
-        reasons = dict(Counter(r.reason for r in rejected))
+        reasons = dict(rejected.by_reason)
         raise BuildError(f"no usable problems: {len(rejected)} rows rejected {reasons}; `factory build --dry-run` shows why")
     out = BuildDir(spec.output.dir)
     out.claim(spec)
+    rejected.attach(out.storage)
     sizes, added = out.plan(chain([first], problems), spec.output.shard_size)
     done = out.done_shards()
     todo = [i for i in sorted(sizes) if i not in done]
@@ -131,13 +131,13 @@ def dry_run(spec: BuildSpec) -> str:
     """The resolved spec and the first problem's filled canvas, decoded: what would be built, computing nothing."""
     check_model(spec)
     template = driver_template(spec)
-    rejected: list[Rejected] = []
+    rejected = RejectedRows(keep=False)  # counts and an example of each reason, not the rows
     first, usable = None, 0
     for problem in iter_problems(spec.source, template, spec.limit, rejected):
         first, usable = first or problem, usable + 1
     lines = [f"# spec {spec.spec_hash()}", spec.to_yaml(), f"# {usable} usable problems, {len(rejected)} rows rejected"]
-    for reason, count in Counter(r.reason for r in rejected).most_common():
-        example = next(r for r in rejected if r.reason == reason)
+    for reason, count in rejected.by_reason.most_common():
+        example = rejected.examples[reason]
         lines.append(f"#   {reason}: {count} (e.g. row {example.row}: {example.detail})")
     if first:
         canvas = template.canvas(template.encode_question(first.question), None, template.encode_answer(first.gold_answer))

@@ -4,6 +4,7 @@
     OUT/_build/precision.json             the precision the model ran in (model.dtype auto resolves per actor)
     OUT/_build/shards/00003.plan.json     shard 3's problems and the increment that added them, written before it runs
     OUT/_build/shards/00003.done.json     its completion marker (a ShardSummary: counts, its data files, quarantined problems)
+    OUT/_build/rejected/000000.jsonl      the source's rejected rows, a chunk at a time as the source streams
     OUT/data/{traces,filtered,sft,prm}/train-00003-<digest>.parquet   one file per shard, named by its rows' digest
     OUT/data/rejected/train-00000-<digest>.parquet
     OUT/README.md                          dataset card; its `configs:` front matter names the data files
@@ -38,7 +39,7 @@ from factory.build.storage import Storage
 from factory.core.scoring import LABEL_SOURCES
 from factory.core.strategies import STRATEGIES
 from factory.models.adapter import model_revision
-from factory.schemas.arrow import to_table
+from factory.schemas.arrow import arrow_schema, to_table
 from factory.schemas.records import ChatMessage, PRMRow, Problem, Rejected, SFTRow, ShardPlan, ShardResult, ShardSummary, TraceRow, Unsolved
 
 CONFIGS = {"traces": TraceRow, "filtered": TraceRow, "sft": SFTRow, "prm": PRMRow, "unsolved": Unsolved, "rejected": Rejected}
@@ -234,18 +235,20 @@ class BuildDir:
     def summaries(self, num_shards: int) -> list[ShardSummary]:
         return [ShardSummary.model_validate_json(self.storage.read_text(self.marker(i))) for i in range(num_shards)]
 
-    def assemble(self, spec: BuildSpec, num_shards: int, rejected: list[Rejected]) -> dict:
+    def assemble(self, spec: BuildSpec, num_shards: int, rejected: RejectedRows | list[Rejected]) -> dict:
         """Write the card and manifest from the shards' markers (no row is read again) and the
-        rejected rows; returns the manifest. Data files no marker names (an earlier assembly's, or a
-        redone shard's orphan) are removed only after the card points at the named ones, so a kill
-        at any moment leaves a directory that loads. Problems quarantined while sampling join the
-        source's rejected rows."""
+        rejected rows (streamed from their chunks); returns the manifest. Data files no marker names
+        (an earlier assembly's, or a redone shard's orphan) are removed only after the card points at
+        the named ones, so a kill at any moment leaves a directory that loads. Problems quarantined
+        while sampling join the source's rejected rows."""
         self.storage.remove_temporaries()  # a writer killed mid-file (an actor on shared storage) leaves one
         summaries = self.summaries(num_shards)
-        rejected = rejected + [row for s in summaries for row in s.quarantined]
+        rejected = rejected if isinstance(rejected, RejectedRows) else RejectedRows(rejected)
+        for row in (row for s in summaries for row in s.quarantined):
+            rejected.append(row)
         files = {name: [s.files[name] for s in summaries] for name in SHARD_CONFIGS}
         counts = {name: sum(s.rows[name] for s in summaries) for name in SHARD_CONFIGS}
-        files["rejected"] = [self.write_rows("rejected", rejected, data_file("rejected", 0, rejected))]
+        files["rejected"] = [self.write_rejected(rejected)]
         counts["rejected"] = len(rejected)
         # The build's identity (manifest, card, publish tag, fine-tuned models' cards): a digest of every
         # file name, each of which carries its rows' digest.
@@ -262,12 +265,86 @@ class BuildDir:
                     self.storage.delete(f"data/{config}/{name}")
         return manifest
 
+    def write_rejected(self, rejected: RejectedRows) -> str:
+        """The `rejected` config's one file, streamed: its rows are read twice from their chunks (for the
+        digest that names the file, then to write it), never held at once."""
+        digest = hashlib.sha256()
+        for row in rejected:
+            digest.update(row.model_dump_json().encode())
+        name = f"data/rejected/train-00000-{digest.hexdigest()[:12]}.parquet"
+        if not self.storage.exists(name):
+            schema = arrow_schema(Rejected)
+            self.storage.write_parquet_batches(name, schema, (to_table(chunk, Rejected) for chunk in batched(rejected, REJECTED_CHUNK)))
+        return name
+
     def write_rows(self, config: str, rows: list, name: str) -> str:
         """A data file is named by its rows' digest, so one that exists already holds these rows: it is
         left as it is (its bytes never change, whatever writes Parquet today)."""
         if not self.storage.exists(name):
             self.storage.write_parquet(name, to_table(rows, CONFIGS[config]))
         return name
+
+
+REJECTED = "_build/rejected"
+REJECTED_CHUNK = 1000
+
+
+class RejectedRows:
+    """The source's rejected rows as the source streams: counted by reason (with the first of each as
+    its example) and, once `attach`ed to the build's directory, written there a chunk at a time, so the
+    driver never holds them all. Iterating yields every row in the order it came. `keep=False` keeps
+    only the counts and examples (the dry run)."""
+
+    def __init__(self, rows=(), keep: bool = True):
+        self.keep = keep
+        self.by_reason: Counter = Counter()
+        self.examples: dict[str, Rejected] = {}
+        self.pending: list[Rejected] = []
+        self.storage: Storage | None = None
+        self.chunks = 0
+        for row in rows:
+            self.append(row)
+
+    def __len__(self) -> int:
+        return sum(self.by_reason.values())
+
+    def append(self, row: Rejected) -> None:
+        self.by_reason[row.reason] += 1
+        self.examples.setdefault(row.reason, row)
+        if self.keep:
+            self.pending.append(row)
+        if self.storage is not None and len(self.pending) >= REJECTED_CHUNK:
+            self.flush()
+
+    def attach(self, storage: Storage) -> None:
+        """Write to the build's directory from now on. Chunks there are an earlier run's read of the source: gone."""
+        for name in storage.list(REJECTED, "*.jsonl"):
+            storage.delete(f"{REJECTED}/{name}")
+        self.storage, self.chunks = storage, 0
+        self.flush()
+
+    def flush(self) -> None:
+        if self.storage is None or not self.pending:
+            return
+        self.storage.write_text(f"{REJECTED}/{self.chunks:06d}.jsonl", "".join(r.model_dump_json() + "\n" for r in self.pending))
+        self.chunks, self.pending = self.chunks + 1, []
+
+    def __iter__(self):
+        for chunk in range(self.chunks if self.storage else 0):
+            for line in self.storage.read_text(f"{REJECTED}/{chunk:06d}.jsonl").splitlines():
+                yield Rejected.model_validate_json(line)
+        yield from self.pending
+
+
+def batched(rows, size: int):
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def increments(summaries: list[ShardSummary]) -> list[dict]:
@@ -284,7 +361,7 @@ def increments(summaries: list[ShardSummary]) -> list[dict]:
 
 
 def build_manifest(
-    spec: BuildSpec, summaries: list[ShardSummary], rejected: list[Rejected], files: dict[str, list[str]], rows: dict[str, int]
+    spec: BuildSpec, summaries: list[ShardSummary], rejected: RejectedRows, files: dict[str, list[str]], rows: dict[str, int]
 ) -> dict:
     accepted = sum(s.accepted for s in summaries)
     filtered = sum((Counter(s.filtered) for s in summaries), Counter())
@@ -301,7 +378,7 @@ def build_manifest(
         "shards": len(summaries),
         "traces_sampled": sampled,
         "accepted": accepted,
-        "rejected": {"total": len(rejected), "by_reason": dict(sorted(Counter(r.reason for r in rejected).items()))},
+        "rejected": {"total": len(rejected), "by_reason": dict(sorted(rejected.by_reason.items()))},
         "filtered": {"total": sum(filtered.values()), "by_reason": dict(sorted(filtered.items()))},
         "mean_nfe": passes / sampled if sampled else None,
         # Yield: what the passes bought, each pass one canvas through one forward. Sampling and repair

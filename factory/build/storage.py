@@ -83,6 +83,16 @@ class Storage:
 
         self.atomic_write(rel, write)
 
+    def write_parquet_batches(self, rel: str, schema: pa.Schema, tables) -> None:
+        """A Parquet file written table by table (a row group each), never whole in memory."""
+
+        def write(tmp: str) -> None:
+            with self.fs.open_output_stream(tmp) as stream, pq.ParquetWriter(stream, schema) as writer:
+                for table in tables:
+                    writer.write_table(table)
+
+        self.atomic_write(rel, write)
+
     def atomic_write(self, rel: str, write) -> None:
         directory, _, name = self.path(rel).rpartition("/")
         self.fs.create_dir(directory, recursive=True)
