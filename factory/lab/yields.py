@@ -194,10 +194,39 @@ def yield_markdown(reports: list[dict], plot_name: str | None) -> str:
             f"`factory bench yield --model {report['model']} --n {report['n']} --seed {report['seed']} --min-steps {lo} "
             f"--max-steps {hi} --dtype {report['dtype']}`: {report['wrong']} of {report['n']} problems wrong greedily.\n\n"
             + markdown_table(rows, cols)
+            + "\n\n"
+            + verdict(report)
         )
     if plot_name:
         parts.append(f"![coverage vs budget]({plot_name})")
     return "\n\n".join(parts) + "\n"
+
+
+REJECTION = ("prior", "rejection_k4")  # rejection sampling, adaptive and fixed-k: the baseline is the better of the two
+TARGET_RATIO = 1.5
+
+
+def verdict(report: dict) -> str:
+    """Per budget: the factory's best strategy against the better rejection sampler, and whether it
+    covers the target ratio of the problems that one covers."""
+    lines = []
+    for b in report["budgets"]:
+        s = report["strategies"]
+        base_name = max((n for n in REJECTION if n in s), key=lambda n: s[n]["coverage"][b], default=None)
+        others = [n for n in s if n not in REJECTION]
+        if base_name is None or not others:
+            continue
+        best = max(others, key=lambda n: s[n]["coverage"][b])
+        base, got = s[base_name]["coverage"][b], s[best]["coverage"][b]
+        if not got:
+            lines.append(f"- {b} passes: no strategy covers a problem (a trace of these problems takes more passes)")
+            continue
+        ratio = got / base if base else float("inf")
+        met = "met" if ratio >= TARGET_RATIO else "not met"
+        lines.append(
+            f"- {b} passes: `{best}` covers {got}, rejection sampling (`{base_name}`) {base}: {ratio:.2f}x ({met}: target {TARGET_RATIO}x)"
+        )
+    return "\n".join(lines)
 
 
 def coverage_plot(path: Path, reports: list[dict]) -> None:
