@@ -166,25 +166,31 @@ def test_inputs_that_cannot_be_trained_on_stop_with_one_line_before_training(tin
         assert "\n" not in str(err.value) and not (tmp_path / "never").exists()
         return str(err.value)
 
-    assert "no README.md; not a factory build directory" in error([(str(tmp_path), 1.0)])
+    assert "no manifest.json; not a finished factory build directory" in error([(str(tmp_path), 1.0)])
     assert "no such build directory" in error([(str(tmp_path / "typo"), 1.0)])
     # a build that kept nothing has no sft config
     empty = tmp_path / "empty"
     spec = build_spec(empty, filters={"min_steps": 99}, source={"kind": "synthetic", "n": 2})
     build(validate_spec(spec), log=lambda _: None, runner=partial(run_in_process, adapter=ModelAdapter.load(str(tiny_model_dir))))
     assert "config 'sft' holds no rows (an empty build: 0 traces accepted)" in error([(str(empty), 1.0)])
-    (empty / "manifest.json").unlink()  # a copy without its manifest still fails on the config it lacks
+    manifest = json.loads((empty / "manifest.json").read_text())
+    (empty / "manifest.json").write_text(json.dumps({**manifest, "rows": {}}))  # a manifest that does not count it: the load fails
     assert "cannot load config 'sft': BuilderConfig 'sft' not found" in error([(str(empty), 1.0)])
+    (empty / "manifest.json").unlink()  # the manifest is what makes a directory a build
+    assert "no manifest.json; not a finished factory build directory" in error([(str(empty), 1.0)])
     # a build made with another tokenizer
     other_tokenizer = tmp_path / "bpe"
     bpe_template.tokenizer.save_pretrained(other_tokenizer)
     other = tmp_path / "other"
     shutil.copytree(tiny_build, other)
-    card = (other / "README.md").read_text().replace("id: embedded", f"id: {other_tokenizer}")
-    (other / "README.md").write_text(card)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["spec"]["model"]["id"] = str(other_tokenizer)
+    (other / "manifest.json").write_text(json.dumps(manifest))
     assert "whose tokenizer differs from the base model's" in error([(str(other), 1.0)])
     # a template the base tokenizer cannot write
-    (other / "README.md").write_text(card.replace(f"id: {other_tokenizer}", "id: embedded").replace("\\boxed{", "zzfinal{"))
+    manifest["spec"]["model"]["id"] = "embedded"
+    manifest["spec"]["template"]["delimiter"] = "The answer is zzfinal{"
+    (other / "manifest.json").write_text(json.dumps(manifest))
     assert "cannot encode the build's template.delimiter" in error([(str(other), 1.0)])
     # a layout that needs the generator's structure, which a build's traces lack
     structural = ft.FinetuneConfig(steps=1, mix={"corrupted": 1.0})

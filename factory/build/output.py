@@ -372,6 +372,7 @@ def build_manifest(
     workers = {s.worker.actor: s.worker.model_dump() for s in summaries}
     return {
         "spec_hash": spec.spec_hash(),
+        "spec": spec.model_dump(mode="json"),  # resolved: every reader of the build (fine-tuning, eval) takes it from here
         "code_version": code_version(),
         "model": spec.model.id,
         "problems": sum(s.problems for s in summaries),

@@ -1,7 +1,7 @@
 """`factory finetune`: train a masked diffusion LM on what builds wrote, under `accelerate`.
 
 Rows are read with `datasets.load_dataset(build, config)` and laid back onto the canvas the build
-sampled them on (its template comes from the build's own card), so the fine-tuned model samples
+sampled them on (its template comes from the resolved spec in the build's manifest.json), so the fine-tuned model samples
 with the template it was trained on. A row that does not fit is counted by reason, never dropped
 unseen. Batches draw a build by weight, a trace from it, and a training layout from the mix
 (`factory/train/layouts.py`); the loss is `batches.masked_loss`. Everything that can be wrong with
@@ -83,36 +83,41 @@ class FinetuneConfig:
 # ---- reading builds ------------------------------------------------------------------------------
 
 
-def build_card(path: str) -> str:
-    """The build's dataset card: from the directory, or from the Hub for a dataset id."""
-    local = Path(path) / "README.md"
+def build_manifest(path: str) -> dict:
+    """The build's manifest.json (counts, files, fingerprint and the resolved spec): from the directory,
+    or from the Hub for a dataset id. Every reader of a build takes its facts from here."""
+    local = Path(path) / "manifest.json"
     if local.exists():
-        return local.read_text()
-    if Path(path).exists():
-        raise FinetuneError(f"{path}: no README.md; not a factory build directory")
-    if looks_like_path(path):
+        text = local.read_text()
+    elif Path(path).exists():
+        raise FinetuneError(f"{path}: no manifest.json; not a finished factory build directory")
+    elif looks_like_path(path):
         raise FinetuneError(f"{path}: no such build directory")
-    from huggingface_hub import hf_hub_download
+    else:
+        from huggingface_hub import hf_hub_download
 
+        try:
+            text = Path(hf_hub_download(path, "manifest.json", repo_type="dataset")).read_text()
+        except Exception as err:  # offline, no such repo, no manifest: one line, whatever the client raised
+            raise FinetuneError(
+                f"{path}: cannot read its manifest.json ({type(err).__name__}); give a build directory or a Hub dataset id"
+            ) from None
     try:
-        return Path(hf_hub_download(path, "README.md", repo_type="dataset")).read_text()
-    except Exception as err:  # offline, no such repo, no card: one line, whatever the client raised
-        raise FinetuneError(
-            f"{path}: cannot read its dataset card ({type(err).__name__}); give a build directory or a Hub dataset id"
-        ) from None
+        manifest = json.loads(text)
+    except ValueError:
+        raise FinetuneError(f"{path}: its manifest.json is not valid JSON") from None
+    return manifest if isinstance(manifest, dict) else {}
 
 
-def build_spec(path: str) -> BuildSpec:
-    """The spec a build ran with, from the YAML its card ends with."""
-    match = re.search(r"## Spec\n\n```yaml\n(.*?)```", build_card(path), re.S)
-    if not match:
-        raise FinetuneError(f"{path}: its card holds no build spec; was it written by `factory build`?")
+def build_spec(path: str, manifest: dict | None = None) -> BuildSpec:
+    """The resolved spec a build ran with, as its manifest records it."""
+    manifest = build_manifest(path) if manifest is None else manifest
+    if "spec" not in manifest:
+        raise FinetuneError(f"{path}: its manifest.json holds no build spec; was it written by `factory build`?")
     try:
-        return validate_spec(yaml.safe_load(match[1]), origin=f"{path} card")
-    except yaml.YAMLError:
-        raise FinetuneError(f"{path}: the build spec in its card is not valid YAML") from None
+        return validate_spec(manifest["spec"], origin=f"{path} manifest")
     except SpecError as err:
-        raise FinetuneError(str(err).splitlines()[0]) from None
+        raise FinetuneError(" ".join(str(err).split())) from None
 
 
 def read_rows(path: str, config: str) -> list[dict]:
@@ -164,7 +169,8 @@ def check_template(template: ReasoningTemplate, where: str) -> None:
 
 
 def load_build(path: str, config: str, weight: float, base_tokenizer) -> tuple[BuildData, ReasoningTemplate]:
-    spec = build_spec(path)
+    manifest = build_manifest(path)
+    spec = build_spec(path, manifest)
     template = ReasoningTemplate(base_tokenizer, spec.template.to_config())
     check_template(template, path)
     try:
@@ -175,8 +181,6 @@ def load_build(path: str, config: str, weight: float, base_tokenizer) -> tuple[B
         raise FinetuneError(
             f"{path}: built with {spec.model.id}, whose tokenizer differs from the base model's; fine-tune a model of the same family"
         )
-    manifest_path = Path(path) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest.get("rows", {}).get(config) == 0:  # `factory build` leaves an empty config out of the card
         raise FinetuneError(f"{path}: config {config!r} holds no rows (an empty build: {manifest.get('accepted')} traces accepted)")
     rows = read_rows(path, config)
