@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 from factory.build.filters import drop_reason
 from factory.build.provenance import code_version
@@ -54,15 +55,20 @@ def driver_template(spec: BuildSpec) -> ReasoningTemplate:
 # ---- sample + score ---------------------------------------------------------------------------
 
 
+@dataclass
 class ProblemRun:
-    """One problem's rounds: its attempts, the reasonings seen (for dedupe), its passes and its rows."""
+    """One problem's rounds: its canvases' ends, its attempts, the reasonings seen (for dedupe), the
+    passes spent and its rows."""
 
-    def __init__(self, index: int, problem: Problem, question_ids: list[int], answer_ids: list[int], seed: int, budget: int):
-        self.index, self.problem, self.question_ids, self.answer_ids, self.seed = index, problem, question_ids, answer_ids, seed
-        self.budget, self.spent, self.accepted = budget, 0, 0
-        self.history: list[Attempt] = []
-        self.seen: set[tuple[str, str]] = set()
-        self.rows: list[TraceRow] = []
+    problem: Problem
+    question_ids: list[int]
+    answer_ids: list[int]
+    seed: int
+    spent: int = 0
+    accepted: int = 0
+    history: list[Attempt] = field(default_factory=list)
+    seen: set[tuple[str, str]] = field(default_factory=set)
+    rows: list[TraceRow] = field(default_factory=list)
 
 
 class TraceMaker:
@@ -88,23 +94,16 @@ class TraceMaker:
         `filter_reason` (None: accepted)."""
         cfg, tpl = self.spec.sampler, self.template
         runs = [
-            ProblemRun(
-                i,
-                p,
-                tpl.encode_question(p.question),
-                tpl.encode_answer(p.gold_answer),
-                problem_seed(self.spec.seed, p.problem_id),
-                cfg.budget,
-            )
-            for i, p in enumerate(problems)
+            ProblemRun(p, tpl.encode_question(p.question), tpl.encode_answer(p.gold_answer), problem_seed(self.spec.seed, p.problem_id))
+            for p in problems
         ]
         rows: list[TraceRow] = []
         for round_ in itertools.count():
-            active = [r for r in runs if r.accepted < cfg.target and r.spent < r.budget]
+            active = [r for r in runs if r.accepted < cfg.target and r.spent < cfg.budget]
             requests, drafts = [], []
             for run in active:
                 planned = self.strategy(Attempts(round_, cfg.target - run.accepted, tuple(run.history)))
-                for j, (draft, cap) in enumerate(zip(planned, split_budget(run.budget - run.spent, len(planned)))):
+                for j, (draft, cap) in enumerate(zip(planned, split_budget(cfg.budget - run.spent, len(planned)))):
                     requests.append(self.request(run, draft, seed_for(run.seed, round_, j), cap))
                     drafts.append((run, draft))
             if not requests:
@@ -115,7 +114,7 @@ class TraceMaker:
         slots = self.spec.template.reasoning_slots
         reasoning = list(draft.prefix) + [self.adapter.mask_id] * (slots - len(draft.prefix)) if draft.prefix else None
         answer = run.answer_ids if draft.clamped else None
-        return Request(run.question_ids, answer_ids=answer, reasoning_ids=reasoning, seed=seed, key=run.index, max_nfe=cap)
+        return Request(run.question_ids, answer_ids=answer, reasoning_ids=reasoning, seed=seed, max_nfe=cap)
 
     def sample_round(self, round_: int, requests: list[Request], drafts: list[tuple[ProblemRun, Draft]]) -> list[TraceRow]:
         t0 = time.perf_counter()
