@@ -168,15 +168,21 @@ def measure_plan(size: int, work: Path, shard_size: int) -> dict:
     }
 
 
+def in_fresh_process(args: list[str], what: str) -> dict:
+    """`factory.lab.scale ARGS` in a new interpreter (its peak RSS its own), and the JSON line it prints last."""
+    command = [sys.executable, "-m", "factory.lab.scale", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if done.returncode:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_plan(sizes: list[int], work: Path, shard_size: int) -> dict:
     runs = []
     for size in sizes:
         plan_source(size, work)
-        command = [sys.executable, "-m", "factory.lab.scale", "--plan-one", str(size), "--work", str(work), "--shard-size", str(shard_size)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"the {size}-row plan failed:\n{done.stderr[-3000:]}")
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        args = ["--plan-one", str(size), "--work", str(work), "--shard-size", str(shard_size)]
+        runs.append(in_fresh_process(args, f"the {size}-row plan"))
     first, last = runs[0], runs[-1]
     return {
         "shard_size": shard_size,
@@ -205,12 +211,8 @@ def bench_scale(sizes: list[int], work: Path, shard_size: int, actors: int, uri:
     """Each size in its own driver process, the sizes one after another."""
     runs = []
     for size in sizes:
-        command = [sys.executable, "-m", "factory.lab.scale", "--one", str(size), "--work", str(work)]
-        command += ["--shard-size", str(shard_size), "--actors", str(actors)] + (["--uri"] if uri else [])
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-        if done.returncode:
-            raise RuntimeError(f"the {size}-problem build failed:\n{done.stderr[-3000:]}")
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        args = ["--one", str(size), "--work", str(work), "--shard-size", str(shard_size), "--actors", str(actors)]
+        runs.append(in_fresh_process(args + (["--uri"] if uri else []), f"the {size}-problem build"))
     first, last = runs[0], runs[-1]
     return {
         "shard_size": shard_size,
