@@ -10,7 +10,7 @@ COMMANDS = [
     (("build",), "factory.build.command:cli_build", "build a scored, filtered reasoning dataset (no spec: the default build)"),
     (("finetune",), "factory.train.finetune:cli_finetune", "fine-tune a masked diffusion LM on builds' traces (accelerate)"),
     (("publish",), "factory.publish.hub:cli_publish", "publish a finished build to the Hugging Face Hub in one commit, tagged"),
-    (("eval",), "factory.lab.evaluate:cli_eval", "decode fresh synthetic problems and report answer accuracy"),
+    (("eval",), "factory.train.evaluate:cli_eval", "decode fresh synthetic problems and report answer accuracy"),
     (("bench", "samplers"), "factory.lab.samplers:cli_samplers", "every unmasking rule on the same problems: accuracy vs forward passes"),
     (("bench", "scoring"), "factory.lab.scoring:cli_scoring", "step scorers on clean and corrupted traces: AUROC vs passes"),
     (("bench", "precision"), "factory.lab.evaluate:cli_precision", "float32 vs bfloat16 weights: accuracy, speed, batch invariance"),

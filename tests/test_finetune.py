@@ -13,11 +13,13 @@ import torch
 from factory.build.command import build
 from factory.build.runner import run_in_process
 from factory.build.spec import validate_spec
+from factory.cli import main as factory_main
 from factory.models.adapter import ModelAdapter
 from factory.models.embedded import EMBEDDED_MODEL_DIR
 from factory.synthetic.problems import SyntheticConfig, generate
 from factory.train import finetune as ft
 from factory.train.batches import Example, collate, make_row, masked_loss, response_slots
+from factory.train.evaluate import model_template
 from factory.train.layouts import LAYOUTS, Masking, mix_weights
 
 TRACE_LAYOUTS = [name for name, spec in LAYOUTS.items() if not spec.needs_problem]
@@ -136,6 +138,14 @@ def test_finetune_lowers_the_loss_resumes_after_a_kill_and_exports_a_model_the_f
     card = (out / "README.md").read_text()
     fingerprint = json.loads((tiny_build / "manifest.json").read_text())["fingerprint"]
     assert fingerprint in card and "tiny-model" in card and "revision `sha256:" in card and "lr: 0.003" in card
+    # the canvas it was trained on travels in its config.json, and `factory eval` decodes on it
+    trained_on = validate_spec(json.loads((tiny_build / "manifest.json").read_text())["spec"]).template.to_config()
+    assert model_template(ModelAdapter.load(str(out))) == trained_on
+    config_json = json.loads((out / "config.json").read_text())
+    config_json["factory_template"]["reasoning_slots"] = 48
+    (out / "config.json").write_text(json.dumps(config_json))
+    factory_main(["eval", "--model", str(out), "--n", "2", "--json", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["template"]["reasoning_slots"] == 48
 
     # the loss falls: a longer run, the same fixed batch before and after
     data, template = ft.load_build(str(tiny_build), "sft", 1.0, tokenizer)

@@ -1,15 +1,12 @@
-"""`factory eval`: decode fresh synthetic problems with the answer masked and score the answers.
-
-`factory bench precision`: the same model in float32 and bfloat16 in one run: eval accuracy and
-speed, whether a row's output depends on its batch, and the scorers' AUROCs."""
+"""`factory bench precision`: the same model in float32 and bfloat16 in one run: eval accuracy and
+speed, whether a row's output depends on its batch, and the scorers' AUROCs. (`factory eval` itself
+is a product command: `factory.train.evaluate`.)"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 from factory.build.spec import SamplerSpec
@@ -17,65 +14,13 @@ from factory.core.sampler import CanvasSampler, Request, SamplerConfig, SampleRe
 from factory.core.template import ReasoningTemplate
 from factory.lab import scoring
 from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
-from factory.models.adapter import DTYPES, ModelAdapter
+from factory.models.adapter import ModelAdapter
 from factory.synthetic import problems as synthetic
-
-
-def accuracy_report(problems: list[synthetic.SyntheticProblem], answers: list[str | None], nfe: list[int]) -> dict:
-    by_steps: dict[str, list[bool]] = defaultdict(list)
-    correct = [a == str(p.answer) for p, a in zip(problems, answers, strict=True)]
-    for p, ok in zip(problems, correct):
-        by_steps[str(len(p.ops))].append(ok)
-    return {
-        "n": len(problems),
-        "accuracy": sum(correct) / len(problems),
-        "accuracy_by_steps": {k: sum(v) / len(v) for k, v in sorted(by_steps.items())},
-        "mean_nfe": sum(nfe) / len(nfe),
-    }
-
-
-def evaluate(sampler: CanvasSampler, problems: list[synthetic.SyntheticProblem], results: list[SampleResult] | None = None) -> dict:
-    """Accuracy, plus each wrong answer's cause at its first step that differs from the gold steps
-    (`results`: the problems already decoded, in order)."""
-    results = sampler.generate([p.question for p in problems]) if results is None else results
-    answers = [sampler.template.parse_answer(r.answer_ids) for r in results]
-    causes = Counter(
-        synthetic.classify_decoding(p, sampler.template.split_steps(r.reasoning_ids), a) for p, r, a in zip(problems, results, answers)
-    )
-    errors = {kind: causes[kind] for kind in synthetic.DECODING_ERRORS}
-    return {**accuracy_report(problems, answers, [r.nfe for r in results]), "errors": errors}
-
-
-def cli_eval(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="factory eval", description="Greedy decoding accuracy on fresh synthetic problems.")
-    ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--min-steps", type=int, default=2)
-    ap.add_argument("--max-steps", type=int, default=4)
-    ap.add_argument("--model", default="embedded")
-    ap.add_argument("--rule", default="left_to_right", help="unmasking rule (default: one token per step, left to right)")
-    ap.add_argument("--rule-params", type=json.loads, default={}, help="JSON, e.g. '{\"lam\": 0.3}'")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's weights (auto: bfloat16 where it runs fast)")
-    ap.add_argument("--json", type=Path, help="write the report here too")
-    args = ap.parse_args(argv)
-    adapter = ModelAdapter.load(args.model, dtype=args.dtype)
-    template = ReasoningTemplate(adapter.tokenizer)
-    sampler = CanvasSampler(adapter, template, SamplerConfig(rule=args.rule, rule_params=args.rule_params, batch_size=args.batch_size))
-    problems = synthetic.generate(args.n, args.seed, synthetic.SyntheticConfig(args.min_steps, args.max_steps))
-    started = time.perf_counter()
-    report = {"model": adapter.model_id, "dtype": dtype_name(adapter), "seed": args.seed, "rule": args.rule, **evaluate(sampler, problems)}
-    report["canvases_per_s"] = round(report["mean_nfe"] * len(problems) / (time.perf_counter() - started), 1)
-    emit(report, args.json)
-
+from factory.train.evaluate import dtype_name, evaluate
 
 # ---- factory bench precision ------------------------------------------------------------------
 
 PRECISIONS = ("float32", "bfloat16")
-
-
-def dtype_name(adapter: ModelAdapter) -> str:
-    return str(adapter.dtype).removeprefix("torch.")
 
 
 def same_output(a: SampleResult, b: SampleResult) -> bool:

@@ -31,12 +31,12 @@ from factory.build.command import build
 from factory.build.spec import validate_spec
 from factory.core.sampler import CanvasSampler, SamplerConfig
 from factory.core.template import ReasoningTemplate
-from factory.lab.evaluate import evaluate
 from factory.lab.report import DOCS_HELP, emit, markdown_table, write_section
 from factory.models.adapter import ModelAdapter, load_tokenizer
 from factory.synthetic import problems as synthetic
 from factory.train import finetune as ft
 from factory.train.batches import Example, SyntheticBatches
+from factory.train.evaluate import evaluate
 from factory.train.layouts import parse_mix
 
 ARMS = ("gold", "posterior", "gold+posterior", "rejection", "unfiltered", "no_new_data")

@@ -6,11 +6,11 @@ PNG next to it. Every figure comes from one run on the same fresh problems.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from factory.core.template import ReasoningTemplate
 from factory.models.adapter import ModelAdapter
+from factory.train.evaluate import emit  # noqa: F401  (the product's JSON report: every bench prints the same way)
 
 DOCS_HELP = (
     "write this benchmark's section (and plot) into this page (the project passes docs/benchmarks.md); without it only --json is written"
@@ -79,11 +79,3 @@ def scatter_plot(path: Path, points: dict[str, tuple[float, float]], xlabel: str
 def load(model: str, dtype: str | None = None) -> tuple[ModelAdapter, ReasoningTemplate]:
     adapter = ModelAdapter.load(model, dtype=dtype)
     return adapter, ReasoningTemplate(adapter.tokenizer)
-
-
-def emit(report: dict, json_path: Path | None) -> None:
-    text = json.dumps(report, indent=2)
-    print(text)
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(text + "\n")

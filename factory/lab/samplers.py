@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from factory.core.sampler import CanvasSampler, SamplerConfig
-from factory.lab.evaluate import accuracy_report
 from factory.lab.report import DOCS_HELP, emit, load, markdown_table, scatter_plot, write_section
 from factory.models.adapter import DTYPES
 from factory.synthetic import problems as synthetic
+from factory.train.evaluate import accuracy_report
 
 BASELINE = "left_to_right"
 ENTROPY_BASELINE = "entropy"  # one token per pass, lowest entropy first: the order MED commits in, one at a time

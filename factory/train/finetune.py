@@ -296,7 +296,7 @@ def train(
     accelerator.wait_for_everyone()
     summary = {"steps": config.steps, "final_loss": history[-1]["loss"] if history else None, "precision": "bf16" if use_bf16 else "fp32"}
     if accelerator.is_main_process:
-        export(accelerator.unwrap_model(model), tokenizer, output, card(summary))
+        export(accelerator.unwrap_model(model), tokenizer, template, output, card(summary))
     return summary
 
 
@@ -326,7 +326,10 @@ def latest_checkpoint(checkpoint: Path) -> Path | None:
     return None
 
 
-def export(model, tokenizer, output: Path, card: str) -> None:
+def export(model, tokenizer, template: ReasoningTemplate, output: Path, card: str) -> None:
+    """A Hugging Face model directory. Its config.json records the canvas it was trained on
+    (`factory_template`), so `factory eval` and builds decode it on that canvas."""
+    model.config.factory_template = asdict(template.config)
     model.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
     (output / "README.md").write_text(card)
