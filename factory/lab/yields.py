@@ -28,6 +28,9 @@ from factory.models.adapter import DTYPES, ModelAdapter
 from factory.synthetic import problems as synthetic
 
 BUDGETS = (8, 16, 32, 64)
+# A trace that passes the exact checks (gold answer, every equation true) whatever the model's own step
+# labels say: what counts as covered when the labels' threshold was not calibrated for the model.
+EXACT_PASS = (None, "bad_step", "low_step_score")
 # name -> sampler settings beside target 1 and the budget; fixed-k rows sample k traces in one round.
 STRATEGIES = {
     "rejection_k4": {"strategy": "prior", "strategy_params": {"rounds": 1}, "target": 4},
@@ -62,15 +65,19 @@ def run_strategy(adapter: ModelAdapter, model: str, problems: list, gold: dict, 
     traces = maker(problems)
     wall = time.perf_counter() - start
     covered_at: dict[str, int] = {}  # problem -> sampler passes spent when its first trace was accepted
+    exact_at: dict[str, int] = {}  # the same for a trace that passes the exact checks (answer, calculator, grounding)
     spent: dict[str, int] = {}
     for t in traces:  # in the order they were made
         spent[t.problem_id] = spent.get(t.problem_id, 0) + t.nfe
         if t.filter_reason is None and t.problem_id not in covered_at:
             covered_at[t.problem_id] = spent[t.problem_id]
+        if t.filter_reason in EXACT_PASS and not ungrounded_operand(t.question, t.steps) and t.problem_id not in exact_at:
+            exact_at[t.problem_id] = spent[t.problem_id]
     accepted = [t for t in traces if t.filter_reason is None]
     passes = sum(t.nfe for t in traces)
     return {
         "coverage": {b: sum(1 for v in covered_at.values() if v <= b) for b in budgets},
+        "coverage_exact": {b: sum(1 for v in exact_at.values() if v <= b) for b in budgets},
         "traces": len(traces),
         "accepted": len(accepted),
         "passes": passes,
@@ -172,8 +179,10 @@ def yield_markdown(reports: list[dict], plot_name: str | None) -> str:
         "## Yield per pass\n\n"
         "`factory bench yield` (`factory/lab/yields.py`): every strategy on the same problems its model gets wrong greedily "
         "(the build's rule at temperature 0, answer masked), `target: 1`, the same budget of sampler passes per problem. "
-        "Covered at B: a trace accepted by the build's filters (the ungrounded filter off, to measure it) within the problem's "
-        "first B passes. `rejection_k4`/`posterior_k4`: four traces in one round, each capped at a quarter of the budget. "
+        "Covered at B (`covered@B`): a trace accepted by the build's filters (the ungrounded filter off, to measure it) within "
+        "the problem's first B passes; `exact@B`, where shown: a trace that passes the exact checks (gold answer, every "
+        "equation true, grounded operands) whatever the step labels say, whose threshold was calibrated on the shipped model. "
+        "`rejection_k4`/`posterior_k4`: four traces in one round, each capped at a quarter of the budget. "
         "`repair`: posterior first, then each failed trace remasked from its first bad step (calculator and step labels) "
         "with the answer clamped, a false equation's result written by the calculator; `repair_from_prior` starts from "
         "rejection sampling; `repair_no_calculate` lets the model rewrite the bad step whole. "
@@ -184,6 +193,8 @@ def yield_markdown(reports: list[dict], plot_name: str | None) -> str:
         rows = []
         for name, r in report["strategies"].items():
             row = {"strategy": name, **{f"covered@{b}": r["coverage"][b] for b in budgets}}
+            if "coverage_exact" in r:
+                row |= {f"exact@{b}": r["coverage_exact"][b] for b in budgets}
             row["x prior @max"] = r["coverage_vs_prior"][budgets[-1]]
             row |= {k: r[k] for k in ("passes", "repair_passes", "accepted_per_1000_passes", "duplicate_share", "grounded", "gold_steps")}
             rows.append(row)
@@ -194,8 +205,9 @@ def yield_markdown(reports: list[dict], plot_name: str | None) -> str:
             f"`factory bench yield --model {report['model']} --n {report['n']} --seed {report['seed']} --min-steps {lo} "
             f"--max-steps {hi} --dtype {report['dtype']}`: {report['wrong']} of {report['n']} problems wrong greedily.\n\n"
             + markdown_table(rows, cols)
-            + "\n\n"
-            + verdict(report)
+            + "\n\nCovered (the build's filters):\n"
+            + verdict(report, "coverage")
+            + ("\n\nCovered (the exact checks alone):\n" + verdict(report, "coverage_exact") if "coverage_exact" in first(report) else "")
         )
     if plot_name:
         parts.append(f"![coverage vs budget]({plot_name})")
@@ -206,18 +218,22 @@ REJECTION = ("prior", "rejection_k4")  # rejection sampling, adaptive and fixed-
 TARGET_RATIO = 1.5
 
 
-def verdict(report: dict) -> str:
+def first(report: dict) -> dict:
+    return next(iter(report["strategies"].values()), {})
+
+
+def verdict(report: dict, key: str) -> str:
     """Per budget: the factory's best strategy against the better rejection sampler, and whether it
-    covers the target ratio of the problems that one covers."""
+    covers the target ratio of the problems that one covers (`key`: which coverage)."""
     lines = []
     for b in report["budgets"]:
         s = report["strategies"]
-        base_name = max((n for n in REJECTION if n in s), key=lambda n: s[n]["coverage"][b], default=None)
+        base_name = max((n for n in REJECTION if n in s), key=lambda n: s[n][key][b], default=None)
         others = [n for n in s if n not in REJECTION]
         if base_name is None or not others:
             continue
-        best = max(others, key=lambda n: s[n]["coverage"][b])
-        base, got = s[base_name]["coverage"][b], s[best]["coverage"][b]
+        best = max(others, key=lambda n: s[n][key][b])
+        base, got = s[base_name][key][b], s[best][key][b]
         if not got:
             lines.append(f"- {b} passes: no strategy covers a problem (a trace of these problems takes more passes)")
             continue
@@ -282,8 +298,9 @@ def cli_yield(argv: list[str]) -> None:
         reports = [json.loads(p.read_text()) for p in args.also] + [report]
         for r in reports:  # JSON keys are strings
             for s in r["strategies"].values():
-                s["coverage"] = {int(b): v for b, v in s["coverage"].items()}
-                s["coverage_vs_prior"] = {int(b): v for b, v in s["coverage_vs_prior"].items()}
+                for key in ("coverage", "coverage_exact", "coverage_vs_prior"):
+                    if key in s:
+                        s[key] = {int(b): v for b, v in s[key].items()}
         plot = args.docs.parent / "yield_coverage.png"
         coverage_plot(plot, reports)
         write_section("yield", yield_markdown(reports, plot.name), args.docs)
