@@ -6,8 +6,9 @@ whether the gold answer is clamped, and which reasoning slots are already writte
 pure functions `(Attempts) -> list[Draft]`, registered by name like the unmasking rules; the build
 turns drafts into seeded sampler requests and counts every pass they spend.
 
-Repair keeps what a failed trace got right: the steps before its first bad one stay token for token,
-the rest of the reasoning is masked again, and the model infills it with the gold answer clamped.
+Repair keeps what a failed trace got right: the steps before its first bad one stay token for token
+(or before an earlier step, once that draft was tried), the rest of the reasoning is masked again, and
+the model infills it with the gold answer clamped.
 An autoregressive sampler cannot rewrite the middle of a trace with both ends fixed; an MDLM can.
 Where the first bad step is depends on a locator (`LOCATORS`): the calculator, or the step labels.
 """
