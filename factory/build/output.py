@@ -161,7 +161,9 @@ class BuildDir:
         as soon as it fills (so a killed run redoes exactly the shards without a marker); returns
         every shard's problem count and how many problems were added. `problems` is consumed as it
         streams: only one shard's problems are held at a time. Problems are known by content: a row
-        that moved or repeats is none. Each plan names its increment."""
+        that moved is none. `problems` must not repeat one (`iter_problems` rejects a repeat), so only
+        the ids of earlier plans are held here, not a second index of the stream's. Each plan names its
+        increment."""
         known: set[str] = set()
         sizes: dict[int, int] = {}
         increment = 0
@@ -183,7 +185,6 @@ class BuildDir:
         for problem in problems:
             if problem.problem_id in known:
                 continue
-            known.add(problem.problem_id)
             chunk.append(problem)
             added += 1
             if len(chunk) == shard_size:
