@@ -38,7 +38,7 @@ def spec_error(data) -> str:
 
 
 def attempt(round_, accepted=False, duplicate=False, bad=1, calculated=None, prefix=()):
-    return Attempt(round_, True, accepted, duplicate, bad, (0, 5, 9), tuple(range(100, 112)), calculated, prefix)
+    return Attempt(round_, accepted, duplicate, bad, (0, 5, 9), tuple(range(100, 112)), calculated, prefix)
 
 
 def test_strategies_draft_from_what_earlier_rounds_showed():

@@ -139,7 +139,6 @@ class TraceMaker:
             run.history.append(
                 Attempt(
                     round_,
-                    draft.clamped,
                     reason is None,
                     reason == "duplicate",
                     bad,

@@ -28,7 +28,6 @@ class Attempt:
     """One trace already made for the problem, as a strategy sees it."""
 
     round: int
-    clamped: bool  # made with the gold answer clamped
     accepted: bool
     duplicate: bool  # repeats an earlier trace of the problem
     bad_step: int | None  # the first bad step the locators found; None when none was found
